@@ -1,0 +1,1 @@
+"""LLM batch jobs over MongoDB documents: the business logic behind the DAGs."""

@@ -1,0 +1,28 @@
+"""Every name and number the pipeline agrees on, in one place."""
+
+from __future__ import annotations
+
+BATCH_SIZE = 10
+"""Tasks per LLM request: the batch service takes at most 10."""
+
+MAX_TASKS_PER_JOB = 5000
+
+POOL_NAME = "llm_api"
+"""Airflow pool whose slots are the LLM requests in flight across all runs."""
+DEFAULT_POOL_SLOTS = 32
+
+MONGO_CONN_ID = "mongo_default"
+LLM_CONN_ID = "llm_default"
+DEFAULT_DATABASE = "llm_batch"
+"""Used when the Mongo connection names no database (its `schema`)."""
+
+TASKS = "tasks"
+JOBS = "jobs"
+BATCHES = "batches"
+RESULTS = "results"
+LLM_CALLS = "llm_calls"
+
+JOB_DAG_ID = "llm_batch_job"
+
+LOOKUP_CHUNK = 100
+"""Ids per `$in` query: large `$in` lists are slow on some servers."""

@@ -1,0 +1,1 @@
+"""Airflow hook and client for batch LLM services."""

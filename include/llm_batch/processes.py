@@ -1,4 +1,4 @@
-"""Start and stop the local services (MongoDB-wire server, LLM simulator, Airflow) as process groups."""
+"""Start and stop local services (MongoDB-wire server, LLM simulator, Airflow) as process groups."""
 
 from __future__ import annotations
 

@@ -1,0 +1,107 @@
+"""Create a job from an operator's request, or resume an existing one."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from llm_batch.batching import batch_count
+from llm_batch.config import BATCH_SIZE
+from llm_batch.models import RESUMABLE_ERROR_TYPES, JobState, ResultStatus
+from llm_batch.processing import utcnow
+from llm_batch.selection import InvalidJobRequest, parse_job_request, resolve_selection
+from llm_batch.store import JobStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobStart:
+    """Which job a run works on and how many batches it has."""
+
+    job_id: str
+    task_count: int
+    batch_count: int
+    resumed: bool
+
+
+def new_job_id(dag_id: str, run_id: str, at: datetime) -> str:
+    """Return a readable job id, the same for every retry of the run that creates it."""
+    digest = hashlib.sha256(f"{dag_id}\0{run_id}".encode()).hexdigest()[:8]
+    return f"job-{at:%Y%m%d-%H%M%S}-{digest}"
+
+
+def start_job(
+    store: JobStore,
+    conf: Mapping[str, Any],
+    *,
+    dag_id: str,
+    run_id: str,
+    source: str,
+    now: Callable[[], datetime] = utcnow,
+) -> JobStart:
+    """Validate the request and write the job in one insert, or resume the job it names.
+
+    Raises `InvalidJobRequest` (nothing written) when the request can't run as given.
+    """
+    request = parse_job_request(conf)
+    at = now()
+    if request.job_id is not None:
+        existing = store.get_job(request.job_id)
+        if existing is not None:
+            return _resume(store, existing, run_id=run_id, at=at)
+
+    task_ids = resolve_selection(store.tasks, request)
+    job_id = request.job_id or new_job_id(dag_id, run_id, at)
+    already = store.get_job(job_id)
+    if already is not None:
+        # This run created it on an earlier try (e.g. the task died right after the insert).
+        if already.get("run_id") == run_id:
+            return JobStart(job_id, already["task_count"], already["batch_count"], False)
+        raise InvalidJobRequest([f"job {job_id} already exists; choose another job_id"])
+
+    store.insert_job(
+        {
+            "_id": job_id,
+            "state": JobState.RUNNING.value,
+            "source": source,
+            "task_count": len(task_ids),
+            "batch_size": BATCH_SIZE,
+            "batch_count": batch_count(len(task_ids)),
+            "params": request.to_document(),
+            "task_ids": task_ids,
+            "counts": {status.value: 0 for status in ResultStatus},
+            "usage": {"input_tokens": 0, "output_tokens": 0},
+            "cost_usd": 0.0,
+            "requests": 0,
+            "abort": None,
+            "timings": {"created_at": at, "started_at": at, "finished_at": None},
+            "dag_id": dag_id,
+            "run_id": run_id,
+            "runs": [run_id],
+        }
+    )
+    log.info(
+        "job_id=%s created: tasks=%d batches=%d source=%s run_id=%s",
+        job_id,
+        len(task_ids),
+        batch_count(len(task_ids)),
+        source,
+        run_id,
+    )
+    return JobStart(job_id, len(task_ids), batch_count(len(task_ids)), False)
+
+
+def _resume(store: JobStore, job: dict[str, Any], *, run_id: str, at: datetime) -> JobStart:
+    """Reopen a job: tasks that were never answered become sendable again, answers stay."""
+    job_id = job["_id"]
+    cleared = store.delete_results(job_id, {"error.type": {"$in": sorted(RESUMABLE_ERROR_TYPES)}})
+    store.reopen_job(job_id, run_id, at)
+    log.info(
+        "job_id=%s resumed by run_id=%s: %d unanswered tasks reopened", job_id, run_id, cleared
+    )
+    return JobStart(job_id, job["task_count"], job["batch_count"], True)

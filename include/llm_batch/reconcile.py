@@ -1,0 +1,157 @@
+"""Close a job: give every task exactly one terminal result and total the job's figures."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from llm_batch.config import BATCH_SIZE
+from llm_batch.models import ErrorType, JobState, ResultStatus
+from llm_batch.processing import placeholder_result, utcnow
+from llm_batch.store import JobStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """The figures of a finished job, as stored on the job document and shown to people."""
+
+    job_id: str
+    state: str
+    task_count: int
+    counts: dict[str, int]
+    requests: int
+    usage: dict[str, int]
+    cost_usd: float
+    wall_time_s: float | None
+    top_errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def render(self) -> str:
+        """Return a few lines a person reads at the end of a run."""
+        counts = ", ".join(f"{n} {status}" for status, n in self.counts.items())
+        wall = f"{self.wall_time_s:.1f} s" if self.wall_time_s is not None else "n/a"
+        lines = [
+            f"job {self.job_id}: {self.state}",
+            f"  tasks     {self.task_count} ({counts})",
+            f"  requests  {self.requests} LLM requests",
+            f"  tokens    {self.usage['input_tokens']} in, {self.usage['output_tokens']} out",
+            f"  cost      ${self.cost_usd:.4f}",
+            f"  wall time {wall}",
+        ]
+        lines += [f"  error     {e['type']} x{e['count']}: {e['example']}" for e in self.top_errors]
+        return "\n".join(lines)
+
+
+def reconcile_job(
+    store: JobStore, job_id: str, *, now: Callable[[], datetime] = utcnow
+) -> JobSummary:
+    """Fill in a result for every task left without one, then total and close the job."""
+    job = store.get_job(job_id, with_task_ids=True)
+    if job is None:
+        raise LookupError(f"job {job_id!r} does not exist")
+    store.update_job(job_id, {"state": JobState.RECONCILING.value})
+    at = now()
+    abort = job.get("abort")
+    task_ids: list[Any] = job.get("task_ids") or []
+
+    answered = {doc["task_id"] for doc in store.job_results(job_id, {"task_id": 1})}
+    unanswered = [(i, t) for i, t in enumerate(task_ids) if t not in answered]
+    if unanswered:
+        errors = store.batch_errors(job_id)
+        placeholders = []
+        for position, task_id in unanswered:
+            batch_no = position // BATCH_SIZE
+            error_type, message = _why_unanswered(job_id, batch_no, abort, errors.get(batch_no))
+            placeholders.append(
+                placeholder_result(
+                    job_id, batch_no, task_id, ResultStatus.FAILED, error_type, message, at
+                )
+            )
+        store.save_results(placeholders)
+        log.warning("job_id=%s: %d tasks had no answer; marked failed", job_id, len(unanswered))
+
+    results = store.job_results(
+        job_id, {"task_id": 1, "job_id": 1, "status": 1, "output": 1, "error": 1, "updated_at": 1}
+    )
+    store.set_last_results(results)
+    counts = {status.value: 0 for status in ResultStatus}
+    for result in results:
+        counts[result["status"]] = counts.get(result["status"], 0) + 1
+    totals = store.call_totals(job_id)
+    state = _final_state(counts, aborted=bool(abort))
+
+    finished_at = now()
+    timings = job.get("timings") or {}
+    started_at = timings.get("started_at") or timings.get("created_at")
+    wall = (finished_at - _aware(started_at)).total_seconds() if started_at else None
+    summary = JobSummary(
+        job_id=job_id,
+        state=state.value,
+        task_count=len(task_ids),
+        counts=counts,
+        requests=totals["requests"],
+        usage=totals["usage"],
+        cost_usd=totals["cost_usd"],
+        wall_time_s=round(wall, 3) if wall is not None else None,
+        top_errors=store.top_errors(job_id),
+    )
+    store.update_job(
+        job_id,
+        {
+            "state": state.value,
+            "counts": counts,
+            "requests": summary.requests,
+            "usage": summary.usage,
+            "cost_usd": summary.cost_usd,
+            "top_errors": summary.top_errors,
+            "timings.finished_at": finished_at,
+            "wall_time_s": summary.wall_time_s,
+        },
+    )
+    log.info(
+        "job_id=%s reconciled: state=%s counts=%s requests=%d cost_usd=%.6f",
+        job_id,
+        state.value,
+        counts,
+        summary.requests,
+        summary.cost_usd,
+    )
+    return summary
+
+
+def _why_unanswered(
+    job_id: str, batch_no: int, abort: dict[str, Any] | None, batch_error: dict[str, Any] | None
+) -> tuple[str, str]:
+    if abort:
+        return ErrorType.JOB_ABORTED.value, f"not sent: {abort.get('message')}"
+    reason = batch_error.get("message") if batch_error else "the batch task did not finish"
+    return (
+        ErrorType.NOT_PROCESSED.value,
+        f"batch {batch_no} gave up: {reason}. Resume the job (trigger it again with "
+        f"job_id={job_id}) to send these tasks again",
+    )
+
+
+def _final_state(counts: dict[str, int], *, aborted: bool) -> JobState:
+    total = sum(counts.values())
+    done_well = counts[ResultStatus.SUCCEEDED.value] + counts[ResultStatus.NEEDS_REVIEW.value]
+    if counts[ResultStatus.CANCELLED.value] and not counts[ResultStatus.FAILED.value]:
+        return JobState.CANCELLED
+    if done_well == total:
+        return JobState.SUCCEEDED
+    if aborted or done_well == 0:
+        return JobState.FAILED
+    return JobState.PARTIALLY_FAILED
+
+
+def _aware(value: datetime) -> datetime:
+    """Mongo hands back naive UTC datetimes unless the client is tz-aware."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+

@@ -1,0 +1,109 @@
+"""The bodies of the DAG's tasks: connect to Mongo and the LLM through Airflow, call the logic.
+
+Kept out of `dags/` so the DAG file stays cheap to parse: Airflow, pymongo and the hook are
+imported here, when a task runs, not when the scheduler parses the file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from airflow.providers.mongo.hooks.mongo import MongoHook
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from llm_batch import config
+from llm_batch.batching import split_into_batches
+from llm_batch.jobs import start_job
+from llm_batch.processing import BatchReport, JobAborted, process_batch
+from llm_batch.reconcile import reconcile_job
+from llm_batch.selection import InvalidJobRequest
+from llm_batch.store import JobStore
+
+log = logging.getLogger(__name__)
+
+REJECTION_XCOM_KEY = "rejection"
+"""XCom key under which `create_job` leaves the reason a request was refused (for the CLI)."""
+
+
+@contextmanager
+def open_store(conn_id: str = config.MONGO_CONN_ID) -> Iterator[JobStore]:
+    """Yield a store on the connection's database (its `schema`, else the default)."""
+    hook = MongoHook(mongo_conn_id=conn_id)
+    client = hook.get_conn()
+    try:
+        yield JobStore(client[hook.connection.schema or config.DEFAULT_DATABASE])
+    finally:
+        client.close()
+
+
+def create_job(
+    params: Mapping[str, Any], *, dag_id: str, run_id: str, run_type: str, ti: Any
+) -> dict[str, Any]:
+    """Validate the request and create (or resume) its job; refuse bad input without retrying."""
+    try:
+        with open_store() as store:
+            store.ensure_indexes()
+            start = start_job(store, params, dag_id=dag_id, run_id=run_id, source=run_type)
+    except InvalidJobRequest as exc:
+        message = f"job request refused, nothing was sent: {exc}"
+        ti.xcom_push(key=REJECTION_XCOM_KEY, value=exc.problems)
+        raise AirflowFailException(message) from exc
+    return {"job_id": start.job_id, "task_count": start.task_count, "resumed": start.resumed}
+
+
+def plan_batches(job: Mapping[str, Any]) -> list[int]:
+    """Return the numbers of the batches that still have unanswered tasks."""
+    with open_store() as store:
+        stored = store.get_job(job["job_id"], with_task_ids=True)
+        if stored is None:
+            raise AirflowFailException(f"job {job['job_id']} vanished from MongoDB")
+        answered = {doc["task_id"] for doc in store.job_results(job["job_id"], {"task_id": 1})}
+    batches = split_into_batches(stored["task_ids"])
+    pending = [n for n, ids in enumerate(batches) if any(t not in answered for t in ids)]
+    log.info("job_id=%s: %d of %d batches to run", job["job_id"], len(pending), len(batches))
+    return pending
+
+
+def run_batch(job_id: str, batch_no: int, *, try_number: int) -> dict[str, Any]:
+    """Process one batch through the `llm_default` connection."""
+    from llm_hook import LLMHook
+
+    client = LLMHook(llm_conn_id=config.LLM_CONN_ID).get_conn()
+    try:
+        with open_store() as store:
+            report: BatchReport = process_batch(
+                store, client, job_id, batch_no, try_number=try_number
+            )
+    except JobAborted as exc:
+        raise AirflowFailException(str(exc)) from exc
+    finally:
+        client.close()
+    return report.to_dict()
+
+
+def reconcile(job: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Close the job whatever happened upstream; skip when no job was created."""
+    if not job:
+        raise AirflowSkipException("no job was created (see create_job's log for why)")
+    with open_store() as store:
+        summary = reconcile_job(store, job["job_id"])
+    log.info("job summary\n%s", summary.render())
+    return summary.to_dict()
+
+
+def report(summary: Mapping[str, Any]) -> None:
+    """Fail the run, with the reasons, unless every task succeeded; the job keeps its results."""
+    if summary["state"] == "succeeded":
+        log.info("job_id=%s succeeded: %s", summary["job_id"], summary["counts"])
+        return
+    errors = "; ".join(
+        f"{e['type']} x{e['count']} (e.g. {e['example']})" for e in summary.get("top_errors", [])
+    )
+    raise AirflowFailException(
+        f"job {summary['job_id']} ended {summary['state']}: {summary['counts']}. "
+        f"Top errors: {errors or 'none recorded'}. Fix the cause, then resume the job with "
+        f"job_id={summary['job_id']} (only unanswered tasks are sent again)."
+    )

@@ -19,10 +19,14 @@ from llm_batch import processes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# Airflow reads its home at import: keep test runs out of ~/airflow and the demo's home.
+os.environ.setdefault("AIRFLOW_HOME", str(REPO_ROOT / ".work" / "test-airflow-home"))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+
 
 @pytest.fixture(scope="session")
 def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real MongoDB-wire server: `LLM_BATCH_TEST_MONGO_URI` if set, else SecantusDB on loopback."""
+    """A real MongoDB-wire server: `LLM_BATCH_TEST_MONGO_URI`, else SecantusDB on loopback."""
     configured = os.environ.get("LLM_BATCH_TEST_MONGO_URI")
     if configured:
         yield configured
@@ -82,7 +86,7 @@ class Simulator:
 
 @pytest.fixture
 def start_simulator(tmp_path: Path) -> Iterator[Callable[..., Simulator]]:
-    """Factory: start a simulator with the given `SimulatorConfig` settings; stopped after the test."""
+    """Factory: start a simulator with the given `SimulatorConfig` settings; stopped after."""
     started: list[Simulator] = []
 
     def _start(api_key: str = "test-key", **settings: Any) -> Simulator:

@@ -1,0 +1,107 @@
+"""Every DAG file imports cleanly, parses fast and follows the project's policies."""
+
+from __future__ import annotations
+
+import ast
+import time
+from pathlib import Path
+
+import pytest
+from airflow.dag_processing.dagbag import DagBag
+from airflow.sdk import TriggerRule
+
+from llm_batch import config
+
+DAGS_DIR = Path(__file__).resolve().parents[2] / "dags"
+DAG_FILES = sorted(DAGS_DIR.glob("*.py"))
+
+
+@pytest.fixture(scope="module")
+def dag_bag() -> DagBag:
+    return DagBag(dag_folder=str(DAGS_DIR))
+
+
+def test_dag_files_import_without_errors(dag_bag: DagBag) -> None:
+    assert dag_bag.import_errors == {}
+    assert dag_bag.dags, "no DAG was found in dags/"
+
+
+@pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
+def test_each_file_defines_one_dag_named_after_it_with_its_docstring(
+    dag_bag: DagBag, path: Path
+) -> None:
+    dags = [d for d in dag_bag.dags.values() if Path(d.fileloc).resolve() == path.resolve()]
+    assert [d.dag_id for d in dags] == [path.stem]
+    module_doc = ast.get_docstring(ast.parse(path.read_text()))
+    assert module_doc and dags[0].doc_md and module_doc.strip() == dags[0].doc_md.strip()
+
+
+@pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
+def test_dag_files_import_only_the_sdk_and_light_modules_at_top_level(path: Path) -> None:
+    """The file is parsed for every task instance: no DB, hook or HTTP client imports there."""
+    heavy = {"pymongo", "requests", "llm_hook", "airflow.providers", "llm_batch.tasks"}
+    tree = ast.parse(path.read_text())
+    for node in tree.body:
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        for name in names:
+            assert not any(name == h or name.startswith(h + ".") for h in heavy), name
+            assert not name.startswith("airflow.") or name.startswith("airflow.sdk"), name
+
+
+@pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
+def test_dag_file_parses_within_50_ms(path: Path) -> None:
+    """Parse cost per file after the one-off import of Airflow itself (best of five)."""
+    DagBag(dag_folder=str(path))
+    timings = []
+    for _ in range(5):
+        started = time.perf_counter()
+        bag = DagBag(dag_folder=str(path))
+        timings.append(time.perf_counter() - started)
+        assert bag.import_errors == {}
+    assert min(timings) < 0.05, f"{path.name} parsed in {min(timings) * 1000:.0f} ms"
+
+
+def test_every_dag_has_tags_and_every_task_retries(dag_bag: DagBag) -> None:
+    for dag in dag_bag.dags.values():
+        assert dag.tags, f"{dag.dag_id} has no tags"
+        for task in dag.tasks:
+            if task.task_id != "report":
+                assert task.retries >= 1, f"{dag.dag_id}.{task.task_id} never retries"
+
+
+def test_batch_task_runs_in_the_llm_pool_and_retries_with_backoff(dag_bag: DagBag) -> None:
+    task = dag_bag.dags[config.JOB_DAG_ID].get_task("process_batch")
+    assert task.pool == config.POOL_NAME
+    assert task.retries >= 3
+    assert task.retry_exponential_backoff
+    assert task.map_index_template
+
+
+def test_reconcile_runs_whatever_happened_to_the_batches(dag_bag: DagBag) -> None:
+    dag = dag_bag.dags[config.JOB_DAG_ID]
+    reconcile = dag.get_task("reconcile_job")
+    assert reconcile.trigger_rule == TriggerRule.ALL_DONE
+    assert "process_batch" in reconcile.upstream_task_ids
+
+
+def test_job_dag_is_shaped_as_designed(dag_bag: DagBag) -> None:
+    dag = dag_bag.dags[config.JOB_DAG_ID]
+    assert dag.get_task("create_job").downstream_task_ids == {"plan_batches", "process_batch"}
+    assert dag.get_task("plan_batches").downstream_task_ids == {"process_batch"}
+    assert dag.get_task("reconcile_job").downstream_task_ids == {"report"}
+    assert dag.schedule is None or str(dag.timetable.summary) == "None"
+
+
+def test_form_params_are_exactly_what_the_job_request_accepts(dag_bag: DagBag) -> None:
+    from llm_batch.selection import REQUEST_KEYS
+
+    params = dag_bag.dags[config.JOB_DAG_ID].params
+    assert set(params.keys()) == set(REQUEST_KEYS)
+    for name in params:
+        param = params.get_param(name)
+        assert param.schema.get("title") and param.description, name
+    assert params.get_param("limit").schema["maximum"] == config.MAX_TASKS_PER_JOB

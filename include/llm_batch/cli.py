@@ -1,0 +1,325 @@
+"""`llm-batch`: submit jobs and follow them from a terminal or a script.
+
+Commands talk to Airflow's REST API v2 (trigger, run state) and read job figures from MongoDB.
+Defaults come from the local stack's state file; environment variables override them.
+Exit codes: 0 the job succeeded, 1 it ended otherwise, 2 the request was refused,
+3 a service could not be reached or the wait timed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pymongo
+
+from llm_batch import config
+from llm_batch.models import JobState
+from llm_batch.selection import InvalidJobRequest, parse_job_request
+from llm_batch.store import JobStore
+
+EXIT_OK, EXIT_JOB_NOT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE = 0, 1, 2, 3
+DEFAULT_STACK_FILE = Path(__file__).resolve().parents[2] / ".work" / "stack.json"
+FINAL_RUN_STATES = {"success", "failed"}
+
+
+class CliError(Exception):
+    """A problem the user must act on; `code` is the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_UNAVAILABLE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the services are: the stack file's values, overridden by the environment."""
+
+    airflow_url: str
+    airflow_username: str | None
+    airflow_password: str | None
+    mongo_uri: str
+
+    @classmethod
+    def load(cls) -> Settings:
+        home = os.environ.get("LLM_BATCH_HOME")
+        stack_file = Path(home) / "stack.json" if home else DEFAULT_STACK_FILE
+        stack: dict[str, Any] = {}
+        if stack_file.exists():
+            stack = json.loads(stack_file.read_text())
+        password = os.environ.get("LLM_BATCH_AIRFLOW_PASSWORD")
+        username = os.environ.get("LLM_BATCH_AIRFLOW_USERNAME") or stack.get("airflow_username")
+        password_file = stack.get("airflow_password_file")
+        if password is None and password_file and Path(password_file).exists():
+            passwords = json.loads(Path(password_file).read_text())
+            password = passwords.get(username or "admin")
+        return cls(
+            airflow_url=os.environ.get("LLM_BATCH_AIRFLOW_URL")
+            or stack.get("airflow_url", "http://127.0.0.1:8080"),
+            airflow_username=username or "admin",
+            airflow_password=password,
+            mongo_uri=os.environ.get("LLM_BATCH_MONGO_URI")
+            or stack.get("mongo_uri", f"mongodb://127.0.0.1:27017/{config.DEFAULT_DATABASE}"),
+        )
+
+    def store(self) -> JobStore:
+        client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+            self.mongo_uri, serverSelectionTimeoutMS=5000, tz_aware=True
+        )
+        database = client.get_default_database(default=config.DEFAULT_DATABASE)
+        return JobStore(database)
+
+    def airflow(self) -> Any:
+        from llm_batch.airflow_api import AirflowClient
+
+        return AirflowClient(self.airflow_url, self.airflow_username, self.airflow_password)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args, Settings.load()))
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    except pymongo.errors.PyMongoError as exc:
+        print(
+            f"error: MongoDB is not reachable ({exc.__class__.__name__}: {exc}); check "
+            "LLM_BATCH_MONGO_URI or start the stack with `make up`",
+            file=sys.stderr,
+        )
+        return EXIT_UNAVAILABLE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-batch", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    seed = commands.add_parser("seed", help="insert demo task documents into MongoDB")
+    seed.add_argument("--count", type=int, default=5000)
+    seed.add_argument("--prefix", default="demo-")
+    seed.set_defaults(handler=cmd_seed)
+
+    submit = commands.add_parser("submit", help="validate a job request and trigger it")
+    selection = submit.add_mutually_exclusive_group(required=True)
+    selection.add_argument("--task-ids", help="comma-separated task _ids")
+    selection.add_argument("--task-ids-file", type=Path, help="a file of task _ids, one per line")
+    selection.add_argument("--filter", help="a MongoDB query over tasks, as JSON")
+    selection.add_argument("--all", action="store_true", help="all tasks, up to --limit")
+    submit.add_argument("--limit", type=int, default=config.MAX_TASKS_PER_JOB)
+    submit.add_argument("--instructions")
+    submit.add_argument("--model")
+    submit.add_argument("--job-id", help="resume this job, or give the new job this id")
+    submit.add_argument("--llm-params", help='JSON object, e.g. {"temperature": 0}')
+    submit.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    submit.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits")
+    submit.add_argument("--json", action="store_true", help="print the result as JSON")
+    submit.set_defaults(handler=cmd_submit)
+
+    status = commands.add_parser("status", help="show a job's state and figures")
+    status.add_argument("job_id")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=cmd_status)
+
+    wait = commands.add_parser("wait", help="wait for a job to end, showing progress")
+    wait.add_argument("job_id")
+    wait.add_argument("--timeout", type=float, default=3600.0)
+    wait.add_argument("--json", action="store_true")
+    wait.set_defaults(handler=cmd_wait)
+    return parser
+
+
+def cmd_seed(args: argparse.Namespace, settings: Settings) -> int:
+    """Insert (or refresh) `count` deterministic demo tasks."""
+    store = settings.store()
+    languages = ["en", "de", "fr", "es"]
+    ops = [
+        pymongo.UpdateOne(
+            {"_id": f"{args.prefix}{i:05d}"},
+            {
+                "$set": {
+                    "payload": {
+                        "text": f"Demo document {i}: a short text for the LLM to summarize.",
+                        "lang": languages[i % len(languages)],
+                        "n": i,
+                    }
+                }
+            },
+            upsert=True,
+        )
+        for i in range(args.count)
+    ]
+    if ops:
+        store.tasks.bulk_write(ops, ordered=False)
+    print(f"seeded {args.count} tasks ({args.prefix}00000..) in {store.tasks.full_name}")
+    return EXIT_OK
+
+
+def build_conf(args: argparse.Namespace) -> dict[str, Any]:
+    """Turn submit's flags into the DAG run conf, checked exactly as the form's input is."""
+    conf: dict[str, Any] = {"limit": args.limit}
+    if args.task_ids is not None:
+        conf["task_ids"] = args.task_ids
+    elif args.task_ids_file is not None:
+        conf["task_ids"] = args.task_ids_file.read_text()
+    elif args.filter is not None:
+        conf["filter"] = args.filter
+    else:
+        conf["filter"] = {}
+    for key in ("instructions", "model", "job_id"):
+        if getattr(args, key) is not None:
+            conf[key] = getattr(args, key)
+    if args.llm_params is not None:
+        conf["llm_params"] = args.llm_params
+        try:
+            conf["llm_params"] = json.loads(args.llm_params)
+        except json.JSONDecodeError as exc:
+            raise CliError(f"--llm-params is not valid JSON: {exc}", EXIT_REFUSED) from exc
+    try:
+        request = parse_job_request(conf)
+    except InvalidJobRequest as exc:
+        raise CliError(
+            "job request refused, nothing was sent:\n  - " + "\n  - ".join(exc.problems),
+            EXIT_REFUSED,
+        ) from exc
+    # Send the parsed values: the form's schema wants a list and an object, not text.
+    conf["task_ids"] = list(request.task_ids) if request.task_ids else None
+    conf["filter"] = request.filter
+    conf["job_id"] = request.job_id or new_cli_job_id()
+    return conf
+
+
+def new_cli_job_id() -> str:
+    return f"job-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    conf = build_conf(args)
+    airflow = settings.airflow()
+    run_id = f"cli__{conf['job_id']}__{datetime.now(UTC):%Y%m%dT%H%M%S%f}"
+    run = airflow.trigger_dag_run(config.JOB_DAG_ID, conf, run_id=run_id)
+    job_id = conf["job_id"]
+    link = f"{settings.airflow_url}/dags/{config.JOB_DAG_ID}/runs/{run['dag_run_id']}"
+    if not args.wait:
+        if args.json:
+            print(json.dumps({"job_id": job_id, "run_id": run["dag_run_id"], "url": link}))
+        else:
+            print(f"submitted job {job_id} as run {run['dag_run_id']}\n  {link}")
+        return EXIT_OK
+    print(f"submitted job {job_id} as run {run['dag_run_id']}\n  {link}", file=sys.stderr)
+    return follow(settings, job_id, run["dag_run_id"], args.timeout, args.json)
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    store = settings.store()
+    job = store.get_job(args.job_id)
+    if job is None:
+        raise CliError(f"no job {args.job_id!r} in {store.jobs.full_name}", EXIT_JOB_NOT_OK)
+    view = job_view(store, job)
+    print(json.dumps(view, default=str, indent=2) if args.json else render_job(view))
+    return exit_code_for(view["state"])
+
+
+def cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
+    store = settings.store()
+    job = store.get_job(args.job_id)
+    if job is None:
+        raise CliError(f"no job {args.job_id!r} in {store.jobs.full_name}", EXIT_JOB_NOT_OK)
+    return follow(settings, args.job_id, job.get("run_id"), args.timeout, args.json)
+
+
+def follow(
+    settings: Settings, job_id: str, run_id: str | None, timeout_s: float, as_json: bool
+) -> int:
+    """Show progress until the job's run ends; print its summary or why it was refused."""
+    store = settings.store()
+    airflow = settings.airflow() if run_id else None
+    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    last_line = ""
+    while True:
+        job = store.get_job(job_id)
+        run_state = airflow.get_dag_run(config.JOB_DAG_ID, run_id)["state"] if airflow else None
+        if job is not None:
+            done = store.results.count_documents({"job_id": job_id})
+            line = (
+                f"\r{job['state']:<13} {done}/{job['task_count']} tasks answered, "
+                f"{store.llm_calls.count_documents({'job_id': job_id})} requests, "
+                f"{time.monotonic() - started:.0f} s"
+            )
+            if line != last_line and not as_json:
+                print(line, end="", file=sys.stderr, flush=True)
+                last_line = line
+            if JobState(job["state"]).is_final and (run_state in FINAL_RUN_STATES or not airflow):
+                break
+        elif run_state == "failed":
+            problems = airflow.get_xcom(config.JOB_DAG_ID, run_id, "create_job", "rejection")
+            if problems:
+                raise CliError(
+                    "job request refused, nothing was sent:\n  - " + "\n  - ".join(problems),
+                    EXIT_REFUSED,
+                )
+            raise CliError(
+                f"run {run_id} failed before job {job_id} was created: see create_job's log in "
+                f"{settings.airflow_url}",
+                EXIT_JOB_NOT_OK,
+            )
+        if run_state == "failed" and job is not None and not JobState(job["state"]).is_final:
+            # Reconcile itself failed; the job document cannot be trusted to change any more.
+            break
+        if time.monotonic() > deadline:
+            raise CliError(f"job {job_id} still running after {timeout_s:.0f} s", EXIT_UNAVAILABLE)
+        time.sleep(2.0)
+    if not as_json:
+        print(file=sys.stderr)
+    view = job_view(store, store.get_job(job_id) or {})
+    print(json.dumps(view, default=str, indent=2) if as_json else render_job(view))
+    return exit_code_for(view.get("state", ""))
+
+
+def job_view(store: JobStore, job: dict[str, Any]) -> dict[str, Any]:
+    """Return the job's public fields, with live progress while it runs."""
+    view = {key: value for key, value in job.items() if key not in ("task_ids", "runs")}
+    view["job_id"] = view.pop("_id", None)
+    if not JobState(job["state"]).is_final:
+        view["counts"] = store.count_results(job["_id"])
+        view.update(store.call_totals(job["_id"]))
+    return view
+
+
+def render_job(view: dict[str, Any]) -> str:
+    counts = ", ".join(f"{n} {status}" for status, n in (view.get("counts") or {}).items())
+    usage = view.get("usage") or {}
+    wall = view.get("wall_time_s")
+    lines = [
+        f"job {view['job_id']}: {view['state']}",
+        f"  tasks     {view.get('task_count')} ({counts})",
+        f"  requests  {view.get('requests', 0)} LLM requests",
+        f"  tokens    {usage.get('input_tokens', 0)} in, {usage.get('output_tokens', 0)} out",
+        f"  cost      ${float(view.get('cost_usd') or 0):.4f}",
+        f"  wall time {wall:.1f} s" if wall is not None else "  wall time (running)",
+        f"  run       {view.get('dag_id')} / {view.get('run_id')}",
+    ]
+    lines += [
+        f"  error     {e['type']} x{e['count']}: {e['example']}"
+        for e in view.get("top_errors") or []
+    ]
+    return "\n".join(lines)
+
+
+def exit_code_for(state: str) -> int:
+    return EXIT_OK if state == JobState.SUCCEEDED.value else EXIT_JOB_NOT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

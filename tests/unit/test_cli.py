@@ -1,0 +1,77 @@
+"""The CLI refuses what the form would refuse, before it triggers anything."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llm_batch import cli
+
+
+def conf_for(*argv: str) -> dict[str, object]:
+    args = cli.build_parser().parse_args(["submit", *argv])
+    return cli.build_conf(args)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--all", "--limit", "0"], "limit 0 is out of range"),
+        (["--all", "--limit", "5001"], "limit 5001 is out of range"),
+        (["--filter", '{"$where": "1"}'], "$where is not allowed"),
+        (["--filter", "{oops"], "filter is not valid JSON"),
+        (["--task-ids", "a,b,a"], "'a' is listed twice"),
+        (["--all", "--llm-params", "[1"], "--llm-params is not valid JSON"),
+        (["--all", "--job-id", "bad id"], "job_id 'bad id' is not valid"),
+    ],
+)
+def test_bad_input_is_refused_with_exit_code_2(argv: list[str], message: str) -> None:
+    with pytest.raises(cli.CliError) as info:
+        conf_for(*argv)
+    assert info.value.code == cli.EXIT_REFUSED
+    assert message in str(info.value)
+
+
+def test_all_selects_everything_with_an_empty_filter_and_gets_a_job_id() -> None:
+    conf = conf_for("--all", "--limit", "10")
+    assert conf["filter"] == {} and conf["task_ids"] is None and conf["limit"] == 10
+    assert str(conf["job_id"]).startswith("job-")
+
+
+def test_filter_text_is_sent_as_an_object_for_the_form_schema() -> None:
+    conf = conf_for("--filter", '{"payload.lang": "en"}', "--instructions", "Summarize")
+    assert conf["filter"] == {"payload.lang": "en"}
+    assert conf["instructions"] == "Summarize"
+
+
+def test_task_ids_come_from_a_file_one_per_line(tmp_path: Path) -> None:
+    ids = tmp_path / "ids.txt"
+    ids.write_text("t1\nt2\n\nt3\n")
+    assert conf_for("--task-ids-file", str(ids))["task_ids"] == ["t1", "t2", "t3"]
+
+
+def test_settings_come_from_the_stack_file_and_the_environment_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    passwords = tmp_path / "passwords.json"
+    passwords.write_text(json.dumps({"admin": "s3cret"}))
+    (tmp_path / "stack.json").write_text(
+        json.dumps(
+            {
+                "airflow_url": "http://127.0.0.1:9999",
+                "airflow_username": "admin",
+                "airflow_password_file": str(passwords),
+                "mongo_uri": "mongodb://127.0.0.1:1/db",
+            }
+        )
+    )
+    monkeypatch.setenv("LLM_BATCH_HOME", str(tmp_path))
+    monkeypatch.delenv("LLM_BATCH_AIRFLOW_URL", raising=False)
+    monkeypatch.delenv("LLM_BATCH_AIRFLOW_PASSWORD", raising=False)
+    monkeypatch.setenv("LLM_BATCH_MONGO_URI", "mongodb://elsewhere:27017/x")
+    settings = cli.Settings.load()
+    assert settings.airflow_url == "http://127.0.0.1:9999"
+    assert settings.airflow_password == "s3cret"
+    assert settings.mongo_uri == "mongodb://elsewhere:27017/x"

@@ -23,12 +23,14 @@ from typing import Any
 import pymongo
 
 from llm_batch import config
+from llm_batch.airflow_api import AirflowAPIError, AirflowClient, read_stack_file
 from llm_batch.models import JobState
+from llm_batch.reconcile import render_summary
 from llm_batch.selection import InvalidJobRequest, parse_job_request
+from llm_batch.stack import state_file
 from llm_batch.store import JobStore
 
 EXIT_OK, EXIT_JOB_NOT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE = 0, 1, 2, 3
-DEFAULT_STACK_FILE = Path(__file__).resolve().parents[2] / ".work" / "stack.json"
 FINAL_RUN_STATES = {"success", "failed"}
 
 
@@ -42,46 +44,26 @@ class CliError(Exception):
 
 @dataclass(frozen=True)
 class Settings:
-    """Where the services are: the stack file's values, overridden by the environment."""
+    """Where the services are: the local stack's state file, overridden by the environment."""
 
-    airflow_url: str
-    airflow_username: str | None
-    airflow_password: str | None
     mongo_uri: str
 
     @classmethod
     def load(cls) -> Settings:
-        home = os.environ.get("LLM_BATCH_HOME")
-        stack_file = Path(home) / "stack.json" if home else DEFAULT_STACK_FILE
-        stack: dict[str, Any] = {}
-        if stack_file.exists():
-            stack = json.loads(stack_file.read_text())
-        password = os.environ.get("LLM_BATCH_AIRFLOW_PASSWORD")
-        username = os.environ.get("LLM_BATCH_AIRFLOW_USERNAME") or stack.get("airflow_username")
-        password_file = stack.get("airflow_password_file")
-        if password is None and password_file and Path(password_file).exists():
-            passwords = json.loads(Path(password_file).read_text())
-            password = passwords.get(username or "admin")
+        recorded = read_stack_file(state_file())
         return cls(
-            airflow_url=os.environ.get("LLM_BATCH_AIRFLOW_URL")
-            or stack.get("airflow_url", "http://127.0.0.1:8080"),
-            airflow_username=username or "admin",
-            airflow_password=password,
             mongo_uri=os.environ.get("LLM_BATCH_MONGO_URI")
-            or stack.get("mongo_uri", f"mongodb://127.0.0.1:27017/{config.DEFAULT_DATABASE}"),
+            or recorded.get("mongo_uri", f"mongodb://127.0.0.1:27017/{config.DEFAULT_DATABASE}")
         )
 
     def store(self) -> JobStore:
         client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
             self.mongo_uri, serverSelectionTimeoutMS=5000, tz_aware=True
         )
-        database = client.get_default_database(default=config.DEFAULT_DATABASE)
-        return JobStore(database)
+        return JobStore(client.get_default_database(default=config.DEFAULT_DATABASE))
 
-    def airflow(self) -> Any:
-        from llm_batch.airflow_api import AirflowClient
-
-        return AirflowClient(self.airflow_url, self.airflow_username, self.airflow_password)
+    def airflow(self) -> AirflowClient:
+        return AirflowClient.from_env()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
+    except AirflowAPIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except pymongo.errors.PyMongoError as exc:
         print(
             f"error: MongoDB is not reachable ({exc.__class__.__name__}: {exc}); check "
@@ -209,7 +194,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     run_id = f"cli__{conf['job_id']}__{datetime.now(UTC):%Y%m%dT%H%M%S%f}"
     run = airflow.trigger_dag_run(config.JOB_DAG_ID, conf, run_id=run_id)
     job_id = conf["job_id"]
-    link = f"{settings.airflow_url}/dags/{config.JOB_DAG_ID}/runs/{run['dag_run_id']}"
+    link = f"{airflow.url}/dags/{config.JOB_DAG_ID}/runs/{run['dag_run_id']}"
     if not args.wait:
         if args.json:
             print(json.dumps({"job_id": job_id, "run_id": run["dag_run_id"], "url": link}))
@@ -226,7 +211,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if job is None:
         raise CliError(f"no job {args.job_id!r} in {store.jobs.full_name}", EXIT_JOB_NOT_OK)
     view = job_view(store, job)
-    print(json.dumps(view, default=str, indent=2) if args.json else render_job(view))
+    print(json.dumps(view, default=str, indent=2) if args.json else render_summary(view))
     return exit_code_for(view["state"])
 
 
@@ -235,21 +220,21 @@ def cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
     job = store.get_job(args.job_id)
     if job is None:
         raise CliError(f"no job {args.job_id!r} in {store.jobs.full_name}", EXIT_JOB_NOT_OK)
-    return follow(settings, args.job_id, job.get("run_id"), args.timeout, args.json)
+    if not job.get("run_id"):
+        raise CliError(f"job {args.job_id!r} records no Airflow run to follow", EXIT_JOB_NOT_OK)
+    return follow(settings, args.job_id, job["run_id"], args.timeout, args.json)
 
 
-def follow(
-    settings: Settings, job_id: str, run_id: str | None, timeout_s: float, as_json: bool
-) -> int:
+def follow(settings: Settings, job_id: str, run_id: str, timeout_s: float, as_json: bool) -> int:
     """Show progress until the job's run ends; print its summary or why it was refused."""
     store = settings.store()
-    airflow = settings.airflow() if run_id else None
+    airflow = settings.airflow()
     deadline = time.monotonic() + timeout_s
     started = time.monotonic()
     last_line = ""
     while True:
         job = store.get_job(job_id)
-        run_state = airflow.get_dag_run(config.JOB_DAG_ID, run_id)["state"] if airflow else None
+        run_state = airflow.get_dag_run(config.JOB_DAG_ID, run_id)["state"]
         if job is not None:
             done = store.results.count_documents({"job_id": job_id})
             line = (
@@ -260,7 +245,7 @@ def follow(
             if line != last_line and not as_json:
                 print(line, end="", file=sys.stderr, flush=True)
                 last_line = line
-            if JobState(job["state"]).is_final and (run_state in FINAL_RUN_STATES or not airflow):
+            if JobState(job["state"]).is_final and run_state in FINAL_RUN_STATES:
                 break
         elif run_state == "failed":
             problems = airflow.get_xcom(config.JOB_DAG_ID, run_id, "create_job", "rejection")
@@ -271,7 +256,7 @@ def follow(
                 )
             raise CliError(
                 f"run {run_id} failed before job {job_id} was created: see create_job's log in "
-                f"{settings.airflow_url}",
+                f"{airflow.url}",
                 EXIT_JOB_NOT_OK,
             )
         if run_state == "failed" and job is not None and not JobState(job["state"]).is_final:
@@ -283,7 +268,7 @@ def follow(
     if not as_json:
         print(file=sys.stderr)
     view = job_view(store, store.get_job(job_id) or {})
-    print(json.dumps(view, default=str, indent=2) if as_json else render_job(view))
+    print(json.dumps(view, default=str, indent=2) if as_json else render_summary(view))
     return exit_code_for(view.get("state", ""))
 
 
@@ -295,26 +280,6 @@ def job_view(store: JobStore, job: dict[str, Any]) -> dict[str, Any]:
         view["counts"] = store.count_results(job["_id"])
         view.update(store.call_totals(job["_id"]))
     return view
-
-
-def render_job(view: dict[str, Any]) -> str:
-    counts = ", ".join(f"{n} {status}" for status, n in (view.get("counts") or {}).items())
-    usage = view.get("usage") or {}
-    wall = view.get("wall_time_s")
-    lines = [
-        f"job {view['job_id']}: {view['state']}",
-        f"  tasks     {view.get('task_count')} ({counts})",
-        f"  requests  {view.get('requests', 0)} LLM requests",
-        f"  tokens    {usage.get('input_tokens', 0)} in, {usage.get('output_tokens', 0)} out",
-        f"  cost      ${float(view.get('cost_usd') or 0):.4f}",
-        f"  wall time {wall:.1f} s" if wall is not None else "  wall time (running)",
-        f"  run       {view.get('dag_id')} / {view.get('run_id')}",
-    ]
-    lines += [
-        f"  error     {e['type']} x{e['count']}: {e['example']}"
-        for e in view.get("top_errors") or []
-    ]
-    return "\n".join(lines)
 
 
 def exit_code_for(state: str) -> int:

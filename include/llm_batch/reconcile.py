@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -35,18 +35,29 @@ class JobSummary:
 
     def render(self) -> str:
         """Return a few lines a person reads at the end of a run."""
-        counts = ", ".join(f"{n} {status}" for status, n in self.counts.items())
-        wall = f"{self.wall_time_s:.1f} s" if self.wall_time_s is not None else "n/a"
-        lines = [
-            f"job {self.job_id}: {self.state}",
-            f"  tasks     {self.task_count} ({counts})",
-            f"  requests  {self.requests} LLM requests",
-            f"  tokens    {self.usage['input_tokens']} in, {self.usage['output_tokens']} out",
-            f"  cost      ${self.cost_usd:.4f}",
-            f"  wall time {wall}",
-        ]
-        lines += [f"  error     {e['type']} x{e['count']}: {e['example']}" for e in self.top_errors]
-        return "\n".join(lines)
+        return render_summary(self.to_dict())
+
+
+def render_summary(job: Mapping[str, Any]) -> str:
+    """Render a job summary (or a job document's public fields) as a few readable lines."""
+    counts = ", ".join(f"{n} {status}" for status, n in (job.get("counts") or {}).items())
+    usage = job.get("usage") or {}
+    wall = job.get("wall_time_s")
+    lines = [
+        f"job {job['job_id']}: {job['state']}",
+        f"  tasks     {job.get('task_count')} ({counts})",
+        f"  requests  {job.get('requests', 0)} LLM requests",
+        f"  tokens    {usage.get('input_tokens', 0)} in, {usage.get('output_tokens', 0)} out",
+        f"  cost      ${float(job.get('cost_usd') or 0):.4f}",
+        f"  wall time {wall:.1f} s" if wall is not None else "  wall time (still running)",
+    ]
+    if job.get("run_id"):
+        lines.append(f"  run       {job.get('dag_id')} / {job['run_id']}")
+    lines += [
+        f"  error     {e['type']} x{e['count']}: {e['example']}"
+        for e in job.get("top_errors") or []
+    ]
+    return "\n".join(lines)
 
 
 def reconcile_job(
@@ -154,4 +165,3 @@ def _final_state(counts: dict[str, int], *, aborted: bool) -> JobState:
 def _aware(value: datetime) -> datetime:
     """Mongo hands back naive UTC datetimes unless the client is tz-aware."""
     return value if value.tzinfo else value.replace(tzinfo=UTC)
-

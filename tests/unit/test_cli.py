@@ -52,26 +52,12 @@ def test_task_ids_come_from_a_file_one_per_line(tmp_path: Path) -> None:
     assert conf_for("--task-ids-file", str(ids))["task_ids"] == ["t1", "t2", "t3"]
 
 
-def test_settings_come_from_the_stack_file_and_the_environment_overrides(
+def test_mongo_uri_comes_from_the_stack_file_unless_the_environment_sets_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    passwords = tmp_path / "passwords.json"
-    passwords.write_text(json.dumps({"admin": "s3cret"}))
-    (tmp_path / "stack.json").write_text(
-        json.dumps(
-            {
-                "airflow_url": "http://127.0.0.1:9999",
-                "airflow_username": "admin",
-                "airflow_password_file": str(passwords),
-                "mongo_uri": "mongodb://127.0.0.1:1/db",
-            }
-        )
-    )
+    (tmp_path / "stack.json").write_text(json.dumps({"mongo_uri": "mongodb://127.0.0.1:1/db"}))
     monkeypatch.setenv("LLM_BATCH_HOME", str(tmp_path))
-    monkeypatch.delenv("LLM_BATCH_AIRFLOW_URL", raising=False)
-    monkeypatch.delenv("LLM_BATCH_AIRFLOW_PASSWORD", raising=False)
+    monkeypatch.delenv("LLM_BATCH_MONGO_URI", raising=False)
+    assert cli.Settings.load().mongo_uri == "mongodb://127.0.0.1:1/db"
     monkeypatch.setenv("LLM_BATCH_MONGO_URI", "mongodb://elsewhere:27017/x")
-    settings = cli.Settings.load()
-    assert settings.airflow_url == "http://127.0.0.1:9999"
-    assert settings.airflow_password == "s3cret"
-    assert settings.mongo_uri == "mongodb://elsewhere:27017/x"
+    assert cli.Settings.load().mongo_uri == "mongodb://elsewhere:27017/x"

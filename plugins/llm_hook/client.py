@@ -1,0 +1,678 @@
+"""The HTTP client: sends tasks, retries what is transient, and classifies every task's outcome.
+
+One `complete` call works in rounds. Each round sends the still-unresolved tasks
+in one request (split on 413). A request is retried on 5xx, timeouts, resets
+and unreadable bodies with full-jitter backoff, and waits out 429s. Items that
+come back transient or faulty (`overloaded`, a missing or duplicated id, ...)
+are asked for again in the next round, and only those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from llm_hook.adapters import ParsedResponse, error_detail, make_adapter
+from llm_hook.exceptions import LLMRequestError, LLMResponseError
+from llm_hook.settings import ClientSettings
+from llm_hook.types import CallRecord, LLMTask, OutcomeStatus, TaskOutcome, Usage
+
+log = logging.getLogger(__name__)
+
+MAX_TASKS_PER_REQUEST = 10
+"""The batch service takes 1 to 10 tasks per request."""
+POOL_MAXSIZE = 16
+"""Keep-alive connections kept per host by a client's own session."""
+
+PERMANENT_5XX = frozenset({501, 505})
+"""Server errors that say the request itself can never work; every other 5xx may pass."""
+ABORT_ERROR_TYPES = {401: "unauthorized", 403: "forbidden", 404: "not_found"}
+PERMANENT_ERROR_TYPES = {400: "bad_request", 422: "unprocessable"}
+
+
+def encode_body(body: Mapping[str, Any]) -> bytes:
+    """Serialize a request body canonically: equal bodies give equal bytes."""
+    try:
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"Task inputs and params must be plain JSON values: {exc}") from exc
+    return text.encode("utf-8")
+
+
+def derive_idempotency_key(base_key: str, body: bytes, round_no: int) -> str:
+    """Return the Idempotency-Key of one request: sha256 of (base key, round, canonical body).
+
+    The body holds the model, instructions, params and the tasks (sorted by id,
+    with their inputs), so transport retries of a request reuse its key, and
+    so does a fresh worker redoing the same unit of work: the service replays
+    instead of billing twice. A later round or a 413 half is a different
+    request with a different key. A key never names two different bodies,
+    which servers reject (422) or, worse, answer with a stale reply.
+    """
+    digest = hashlib.sha256(json.dumps([base_key, round_no]).encode("utf-8"))
+    digest.update(b"\n")
+    digest.update(body)
+    return digest.hexdigest()
+
+
+def full_jitter_delay(rng: random.Random, failures: int, base_s: float, max_s: float) -> float:
+    """Return a delay drawn uniformly from [0, min(max_s, base_s * 2**(failures-1))].
+
+    Full jitter (tenacity's `wait_random_exponential`) keeps many uncoordinated
+    workers from retrying against the service in lockstep.
+    """
+    return rng.uniform(0.0, min(max_s, base_s * 2 ** (failures - 1)))
+
+
+def parse_retry_after(value: str | None, now: datetime) -> float | None:
+    """Return the seconds a `Retry-After` header asks for (delta-seconds or HTTP date)."""
+    if not value or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return max(0.0, (when - now).total_seconds())
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+class _BearerAuth(requests.auth.AuthBase):
+    """Sets the bearer header; passed as `auth=` so a ~/.netrc cannot override it."""
+
+    def __init__(self, api_key: str) -> None:
+        self._api_key = api_key
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {self._api_key}"
+        return request
+
+    def __repr__(self) -> str:
+        return "_BearerAuth(***)"
+
+
+@dataclass
+class _TaskState:
+    attempts: int = 0
+    latency_ms: int = 0
+    outcome: TaskOutcome | None = None
+    last_error_type: str = "not_sent"
+    last_error_message: str = "the task was never sent"
+
+
+@dataclass
+class _Answer:
+    """What one HTTP attempt produced."""
+
+    http_status: int | None
+    error_type: str | None
+    message: str
+    latency_ms: int
+    parsed: ParsedResponse | None = None
+    body: Any = None
+    retry_after: str | None = None
+
+    @property
+    def transient(self) -> bool:
+        """No usable answer, but a retry may get one: no response, 5xx/408, or a bad 2xx body."""
+        status = self.http_status
+        if self.parsed is not None:
+            return False
+        return (
+            status is None
+            or status == 408
+            or (500 <= status < 600 and status not in PERMANENT_5XX)
+            or 200 <= status < 300
+        )
+
+
+@dataclass
+class _Run:
+    """The bookkeeping of one `complete` call."""
+
+    model: str
+    instructions: str | None
+    params: Mapping[str, Any] | None
+    base_key: str | None
+    on_call: Callable[[CallRecord], None] | None
+    states: dict[str, _TaskState] = field(default_factory=dict)
+    attempt: int = 0
+    aborted: bool = False
+
+    def unresolved(self, tasks: Sequence[LLMTask]) -> list[LLMTask]:
+        return [task for task in tasks if self.states[task.id].outcome is None]
+
+    def resolve(
+        self,
+        task_id: str,
+        status: OutcomeStatus,
+        error_type: str | None,
+        message: str | None,
+        *,
+        model: str | None = None,
+        output: Any = None,
+        confidence: float | None = None,
+        usage: Usage | None = None,
+    ) -> None:
+        state = self.states[task_id]
+        state.outcome = TaskOutcome(
+            task_id=task_id,
+            status=status,
+            output=output,
+            confidence=confidence,
+            usage=usage or Usage(),
+            error_type=error_type,
+            error_message=message,
+            attempts=state.attempts,
+            latency_ms=state.latency_ms,
+            model=model or self.model,
+        )
+
+
+class LLMClient:
+    """A client for one LLM service, configured by `ClientSettings`; reuse it across calls."""
+
+    def __init__(
+        self,
+        settings: ClientSettings,
+        *,
+        session: requests.Session | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self._adapter = make_adapter(settings.adapter)
+        self._owns_session = session is None
+        if session is None:
+            session = requests.Session()
+            pooled = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_MAXSIZE, max_retries=0)
+            session.mount("http://", pooled)
+            session.mount("https://", pooled)
+        self._session = session
+        self._auth = _BearerAuth(settings.api_key)
+        self._sleep = sleep
+        self._rng = rng if rng is not None else random.Random()
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"LLMClient(base_url={self.settings.base_url!r}, model={self.settings.model!r})"
+
+    def __enter__(self) -> LLMClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool if this client created it."""
+        if self._owns_session:
+            self._session.close()
+
+    def list_models(self) -> list[str]:
+        """Return the model names the service offers (`GET /v1/models`); spends no tokens."""
+        url = self.settings.base_url + self._adapter.models_path
+        try:
+            response = self._session.get(
+                url,
+                auth=self._auth,
+                headers={"Accept": "application/json"},
+                timeout=(self.settings.connect_timeout_s, self.settings.timeout_s),
+            )
+        except requests.Timeout as exc:
+            raise LLMRequestError(
+                f"{url} did not answer within the connection's timeouts "
+                f"(connect {self.settings.connect_timeout_s}s, read {self.settings.timeout_s}s).",
+                error_type="timeout",
+            ) from exc
+        except requests.RequestException as exc:
+            raise LLMRequestError(
+                f"Could not reach {url} ({type(exc).__name__}): check the host (Base URL) of "
+                f"{self._conn()} and that the service is running.",
+                error_type="connection_error",
+            ) from exc
+        if response.status_code != 200:
+            error_type = ABORT_ERROR_TYPES.get(response.status_code, f"http_{response.status_code}")
+            raise LLMRequestError(
+                self._status_message(
+                    response.status_code, _json_or_none(response), self.settings.model
+                ),
+                error_type=error_type,
+                http_status=response.status_code,
+            )
+        body = _json_or_none(response)
+        if body is None:
+            raise LLMResponseError(f"{url} answered 200 with a body that is not JSON.")
+        return self._adapter.parse_models(body)
+
+    def complete(
+        self,
+        tasks: Sequence[LLMTask],
+        *,
+        instructions: str | None = None,
+        model: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        on_call: Callable[[CallRecord], None] | None = None,
+    ) -> list[TaskOutcome]:
+        """Send 1 to 10 tasks and return exactly one outcome per task, in input order.
+
+        Service trouble never raises: it becomes RETRYABLE, FAILED or ABORTED
+        outcomes. `on_call` sees every HTTP attempt as it happens; whatever it
+        raises propagates.
+        """
+        _check_tasks(tasks)
+        started = self._clock()
+        run = _Run(
+            model=model or self.settings.model,
+            instructions=instructions,
+            params=params,
+            base_key=idempotency_key,
+            on_call=on_call,
+            states={task.id: _TaskState() for task in tasks},
+        )
+        pending = list(tasks)
+        for round_no in range(1, self.settings.max_rounds + 1):
+            if round_no > 1:
+                # Transient item errors mean "overloaded": give the service a moment too.
+                delay = self._backoff(round_no - 1)
+                log.info(
+                    "LLM round %d: re-requesting %d task(s) %s in %.2fs",
+                    round_no,
+                    len(pending),
+                    [task.id for task in pending],
+                    delay,
+                )
+                self._sleep(delay)
+            self._send(run, pending, round_no)
+            pending = run.unresolved(pending)
+            if not pending:  # an abort resolves everything, so it ends here too
+                break
+        outcomes = [self._final(run, task.id) for task in tasks]
+        counts = Counter(outcome.status.value for outcome in outcomes)
+        log.info(
+            "LLM complete: %d task(s) -> %d succeeded, %d failed, %d retryable, %d aborted; "
+            "%d request(s) in %d ms",
+            len(tasks),
+            counts["succeeded"],
+            counts["failed"],
+            counts["retryable"],
+            counts["aborted"],
+            run.attempt,
+            int((self._clock() - started) * 1000),
+        )
+        return outcomes
+
+    def _send(self, run: _Run, tasks: Sequence[LLMTask], round_no: int) -> None:
+        """Send one request for `tasks` until it gets an answer or its retries run out."""
+        # Sorted, the same set of tasks always makes the same body, and so the same key,
+        # whatever order a retried caller passes them in.
+        tasks = sorted(tasks, key=lambda task: task.id)
+        path, body = self._adapter.build_request(tasks, run.model, run.instructions, run.params)
+        data = encode_body(body)
+        ids = [task.id for task in tasks]
+        key = derive_idempotency_key(run.base_key, data, round_no) if run.base_key else None
+        failures = 0
+        rate_limit_waits = 0
+        while True:
+            answer = self._post(run, path, data, ids, key)
+            if answer.parsed is not None:
+                self._apply(run, answer.parsed)
+                return
+            status = answer.http_status
+            if status == 429:
+                rate_limit_waits += 1
+                if rate_limit_waits > self.settings.max_rate_limit_waits:
+                    self._give_up(
+                        run,
+                        ids,
+                        "http_429",
+                        f"still rate limited (HTTP 429) after "
+                        f"{self.settings.max_rate_limit_waits} waits",
+                    )
+                    return
+                delay = self._rate_limit_delay(answer.retry_after, rate_limit_waits)
+                log.warning(
+                    "LLM request for %d task(s) rate limited (429); waiting %.2fs (wait %d of %d)",
+                    len(ids),
+                    delay,
+                    rate_limit_waits,
+                    self.settings.max_rate_limit_waits,
+                )
+                self._sleep(delay)
+                continue
+            if status is None or answer.transient:
+                failures += 1
+                error_type = answer.error_type or "bad_response"
+                if failures >= self.settings.max_attempts:
+                    self._give_up(
+                        run,
+                        ids,
+                        error_type,
+                        f"{answer.message}; gave up after {failures} attempt(s)",
+                    )
+                    return
+                delay = self._backoff(failures)
+                log.warning(
+                    "LLM request for %d task(s) failed (%s); retrying in %.2fs (attempt %d of %d)",
+                    len(ids),
+                    error_type,
+                    delay,
+                    failures,
+                    self.settings.max_attempts,
+                )
+                self._sleep(delay)
+                continue
+            self._reject(run, tasks, round_no, status, answer.body)
+            return
+
+    def _reject(
+        self, run: _Run, tasks: Sequence[LLMTask], round_no: int, status: int, body: Any
+    ) -> None:
+        """Settle a request the service refused for good: abort, split, or fail its tasks."""
+        ids = [task.id for task in tasks]
+        server_type, message = error_detail(body)
+        if status in ABORT_ERROR_TYPES:
+            self._abort(run, status, body)
+        elif status == 413 and len(tasks) > 1:
+            half = len(tasks) // 2
+            log.warning(
+                "LLM request for %d task(s) too large (413); splitting into %d + %d",
+                len(tasks),
+                half,
+                len(tasks) - half,
+            )
+            self._send(run, tasks[:half], round_no)
+            if not run.aborted:
+                self._send(run, tasks[half:], round_no)
+        elif status == 413:
+            for task_id in ids:
+                run.resolve(
+                    task_id,
+                    OutcomeStatus.FAILED,
+                    "too_large",
+                    self._redact(
+                        f"the service rejected this single task as too large (HTTP 413"
+                        f"{': ' + message if message else ''}); shorten its input"
+                    ),
+                )
+        else:
+            error_type = server_type or PERMANENT_ERROR_TYPES.get(status, f"http_{status}")
+            log.warning(
+                "LLM request for %d task(s) rejected with HTTP %d (%s); not retrying",
+                len(ids),
+                status,
+                error_type,
+            )
+            for task_id in ids:
+                run.resolve(
+                    task_id,
+                    OutcomeStatus.FAILED,
+                    error_type,
+                    self._redact(
+                        f"the service rejected the request (HTTP {status}"
+                        f"{': ' + message if message else ''})"
+                    ),
+                )
+
+    def _post(
+        self, run: _Run, path: str, data: bytes, ids: Sequence[str], key: str | None
+    ) -> _Answer:
+        """Make one HTTP attempt, account for it and report it to `on_call`."""
+        run.attempt += 1
+        for task_id in ids:
+            run.states[task_id].attempts += 1
+        url = self.settings.base_url + path
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        at = datetime.now(UTC)
+        started = self._clock()
+        answer = self._exchange(url, data, headers)
+        answer.latency_ms = max(0, int((self._clock() - started) * 1000))
+        if answer.parsed is None and answer.http_status == 200 and answer.body is not None:
+            try:
+                answer.parsed = self._adapter.parse_response(answer.body, ids)
+            except LLMResponseError as exc:
+                answer.error_type, answer.message = "bad_response", str(exc)
+        for task_id in ids:
+            state = run.states[task_id]
+            state.latency_ms = answer.latency_ms
+            if answer.parsed is None:
+                state.last_error_type = answer.error_type or f"http_{answer.http_status}"
+                state.last_error_message = answer.message
+        usage = answer.parsed.usage if answer.parsed is not None else Usage()
+        log.debug(
+            "LLM attempt %d: %d task(s) -> status %s, error %s, %d ms",
+            run.attempt,
+            len(ids),
+            answer.http_status,
+            answer.error_type,
+            answer.latency_ms,
+        )
+        if run.on_call is not None:
+            run.on_call(
+                CallRecord(
+                    endpoint=url,
+                    attempt=run.attempt,
+                    http_status=answer.http_status,
+                    error_type=None if answer.parsed is not None else answer.error_type,
+                    latency_ms=answer.latency_ms,
+                    usage=usage,
+                    cost_usd=self._cost(usage),
+                    task_ids=tuple(ids),
+                    model=(answer.parsed.model if answer.parsed else None) or run.model,
+                    idempotency_key=key,
+                    at=at,
+                )
+            )
+        return answer
+
+    def _exchange(self, url: str, data: bytes, headers: dict[str, str]) -> _Answer:
+        """POST and read the answer; transport failures become an `_Answer` without a status."""
+        timeouts = (self.settings.connect_timeout_s, self.settings.timeout_s)
+        try:
+            response = self._session.post(
+                url, data=data, headers=headers, auth=self._auth, timeout=timeouts
+            )
+        except requests.ConnectTimeout:
+            return _Answer(
+                None, "timeout", f"could not connect within {self.settings.connect_timeout_s}s", 0
+            )
+        except requests.Timeout:
+            return _Answer(None, "timeout", f"no response within {self.settings.timeout_s}s", 0)
+        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError):
+            return _Answer(None, "bad_response", "the response body was cut off or garbled", 0)
+        except requests.RequestException as exc:
+            return _Answer(
+                None, "connection_error", f"the connection failed ({type(exc).__name__})", 0
+            )
+        status = response.status_code
+        body = _json_or_none(response)
+        if status == 200:
+            if body is None:
+                return _Answer(status, "bad_response", "the 200 response was not JSON", 0)
+            return _Answer(status, None, "", 0, body=body)
+        if 200 <= status < 300:
+            return _Answer(status, "bad_response", f"unexpected HTTP {status}", 0, body=body)
+        return _Answer(
+            status,
+            f"http_{status}",
+            f"HTTP {status}",
+            0,
+            body=body,
+            retry_after=response.headers.get("Retry-After"),
+        )
+
+    def _apply(self, run: _Run, parsed: ParsedResponse) -> None:
+        """Resolve the tasks a 200 settled; remember why the others must be asked again."""
+        if parsed.unknown_ids:
+            log.warning(
+                "LLM response had %d result(s) for ids that were not sent (ignored): %s",
+                len(parsed.unknown_ids),
+                list(parsed.unknown_ids)[:10],
+            )
+        if parsed.unattributed:
+            log.warning(
+                "LLM response had %d result(s) without an id (ignored)", parsed.unattributed
+            )
+        model = parsed.model or run.model
+        faults: Counter[str] = Counter()
+        for task_id, item in parsed.items.items():
+            if item.status is OutcomeStatus.RETRYABLE:
+                state = run.states[task_id]
+                state.last_error_type = item.error_type or "malformed_item"
+                state.last_error_message = self._redact(item.error_message or "no usable result")
+                faults[state.last_error_type] += 1
+                continue
+            run.resolve(
+                task_id,
+                item.status,
+                item.error_type,
+                self._redact(item.error_message) if item.error_message else None,
+                output=item.output,
+                confidence=item.confidence,
+                usage=item.usage,
+                model=model,
+            )
+        if faults:
+            log.warning("LLM response left task(s) unresolved: %s", dict(faults))
+
+    def _abort(self, run: _Run, status: int, body: Any) -> None:
+        """Mark every unresolved task ABORTED: the settings are wrong, more requests won't help."""
+        run.aborted = True
+        message = self._status_message(status, body, run.model)
+        error_type = ABORT_ERROR_TYPES[status]
+        unresolved = [task_id for task_id, s in run.states.items() if s.outcome is None]
+        log.error(
+            "LLM service answered HTTP %d (%s): aborting %d task(s), sending nothing more",
+            status,
+            error_type,
+            len(unresolved),
+        )
+        for task_id in unresolved:
+            run.resolve(task_id, OutcomeStatus.ABORTED, error_type, message)
+
+    def _give_up(self, run: _Run, ids: Sequence[str], error_type: str, message: str) -> None:
+        log.warning("LLM request for %d task(s) gave up (%s)", len(ids), error_type)
+        for task_id in ids:
+            run.resolve(
+                task_id,
+                OutcomeStatus.RETRYABLE,
+                error_type,
+                self._redact(f"{message}; safe to send again later"),
+            )
+
+    def _final(self, run: _Run, task_id: str) -> TaskOutcome:
+        state = run.states[task_id]
+        if state.outcome is not None:
+            return state.outcome
+        return TaskOutcome(
+            task_id=task_id,
+            status=OutcomeStatus.RETRYABLE,
+            error_type=state.last_error_type,
+            error_message=(
+                f"{state.last_error_message}; still unresolved after "
+                f"{self.settings.max_rounds} round(s), safe to send again later"
+            ),
+            attempts=state.attempts,
+            latency_ms=state.latency_ms,
+            model=run.model,
+        )
+
+    def _status_message(self, status: int, body: Any, model: str) -> str:
+        """Say what a non-retryable status means and which connection setting to check."""
+        _, detail = error_detail(body)
+        said = f"HTTP {status}" + (f": {detail}" if detail else "")
+        conn = self._conn()
+        if status == 401:
+            text = (
+                f"The service rejected the API key ({said}). "
+                f"Check the password (API key) of {conn}."
+            )
+        elif status == 403:
+            text = (
+                f"The API key may not use this service or model ({said}). Check the API key of "
+                f"{conn} and its access to model {model!r}."
+            )
+        elif status == 404:
+            text = (
+                f"The service has no such model or endpoint ({said}). Check the model name "
+                f"{model!r} (extra `model`) and the host (Base URL) {self.settings.base_url} "
+                f"of {conn}."
+            )
+        else:
+            text = f"The service answered {said}."
+        return self._redact(text)
+
+    def _rate_limit_delay(self, retry_after: str | None, waits: int) -> float:
+        seconds = parse_retry_after(retry_after, datetime.now(UTC))
+        if seconds is None:
+            seconds = self._backoff(waits)
+        return min(seconds, self.settings.max_retry_after_s)
+
+    def _backoff(self, failures: int) -> float:
+        return full_jitter_delay(
+            self._rng, failures, self.settings.backoff_base_s, self.settings.backoff_max_s
+        )
+
+    def _cost(self, usage: Usage) -> float:
+        return (
+            usage.input_tokens * self.settings.price_input_per_1k
+            + usage.output_tokens * self.settings.price_output_per_1k
+        ) / 1000
+
+    def _redact(self, text: str) -> str:
+        """Keep the API key out of messages, even if a server echoes it back."""
+        key = self.settings.api_key
+        # Like Airflow's secrets masker, leave keys too short to be secrets alone.
+        return text.replace(key, "***") if len(key) >= 5 else text
+
+    def _conn(self) -> str:
+        conn_id = self.settings.conn_id
+        return f"connection {conn_id!r}" if conn_id else "the LLM connection"
+
+
+def _check_tasks(tasks: Sequence[LLMTask]) -> None:
+    if not 1 <= len(tasks) <= MAX_TASKS_PER_REQUEST:
+        raise ValueError(
+            f"complete() takes 1 to {MAX_TASKS_PER_REQUEST} tasks per call, got {len(tasks)}"
+        )
+    ids = [task.id for task in tasks]
+    bad = [task_id for task_id in ids if not isinstance(task_id, str) or not task_id]
+    if bad:
+        raise ValueError(f"Task ids must be non-empty strings, got {bad!r}")
+    duplicates = sorted(task_id for task_id, n in Counter(ids).items() if n > 1)
+    if duplicates:
+        raise ValueError(f"Task ids must be unique within a call; repeated: {duplicates}")
+
+
+def _json_or_none(response: requests.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None

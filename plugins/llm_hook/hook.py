@@ -1,0 +1,64 @@
+"""The Airflow hook: maps an `llm_batch` connection to a configured `LLMClient`. Nothing more."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from airflow.sdk import BaseHook
+
+from llm_hook.client import LLMClient
+from llm_hook.settings import EXTRA_EXAMPLE, ClientSettings
+
+
+class LLMHook(BaseHook):
+    """Give tasks an `LLMClient` for the LLM service named by an Airflow connection.
+
+    :param llm_conn_id: the connection (type `llm_batch`) holding the base URL,
+        API key and client settings.
+    """
+
+    conn_name_attr = "llm_conn_id"
+    default_conn_name = "llm_default"
+    conn_type = "llm_batch"
+    hook_name = "LLM batch service"
+
+    def __init__(self, llm_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.llm_conn_id = llm_conn_id
+        self._client: LLMClient | None = None
+
+    def get_conn(self) -> LLMClient:
+        """Return the client, reading the connection on first use only."""
+        if self._client is None:
+            conn = self.get_connection(self.llm_conn_id)
+            self._client = LLMClient(ClientSettings.from_connection(conn))
+        return self._client
+
+    def test_connection(self) -> tuple[bool, str]:
+        """List the service's models: proves URL and key without spending tokens."""
+        try:
+            client = self.get_conn()
+            models = client.list_models()
+        except Exception as exc:  # the UI shows the message; any failure is a failed test
+            return False, str(exc)
+        model = client.settings.model
+        if models and model not in models:
+            return False, (
+                f"Connected to {client.settings.base_url}, but the default model {model!r} is not "
+                f"offered (available: {', '.join(models[:20])}); fix `model` in the extra."
+            )
+        return True, f"Connected to {client.settings.base_url}: {len(models)} model(s) available."
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """Relabel the connection form for an HTTP API with a key."""
+        return {
+            "hidden_fields": ["login", "schema", "port"],
+            "relabeling": {"host": "Base URL", "password": "API key"},
+            "placeholders": {
+                "host": "http://127.0.0.1:8765",
+                "password": "the service's API key",
+                "extra": json.dumps(EXTRA_EXAMPLE, indent=2),
+            },
+        }

@@ -115,7 +115,12 @@ def process_batch(
     by_wire_id = {str(task_id): task_id for task_id in present}
 
     def record_call(call: CallRecord) -> None:
-        store.record_call(call_document(job_id, batch_no, try_number, call))
+        document = call_document(job_id, batch_no, try_number, call)
+        if call.replayed and store.billed_before(call.idempotency_key):
+            # The service billed this answer once; an earlier record already counts it.
+            document.update(usage={"input_tokens": 0, "output_tokens": 0}, cost_usd=0.0)
+            document["billed"] = False
+        store.record_call(document)
 
     outcomes = (
         completer.complete(
@@ -282,5 +287,7 @@ def call_document(job_id: str, batch_no: int, try_number: int, call: CallRecord)
         "model": call.model,
         "task_ids": list(call.task_ids),
         "idempotency_key": call.idempotency_key,
+        "replayed": call.replayed,
+        "billed": call.http_status == 200 and call.error_type is None,
         "at": call.at,
     }

@@ -70,6 +70,7 @@ class JobStore:
         self.llm_calls.create_indexes(
             [
                 IndexModel([("job_id", ASCENDING), ("batch_no", ASCENDING)]),
+                IndexModel([("idempotency_key", ASCENDING)]),
                 IndexModel([("at", DESCENDING)]),
             ]
         )
@@ -252,6 +253,15 @@ class JobStore:
 
     def record_call(self, call: Document) -> None:
         self.llm_calls.insert_one(call)
+
+    def billed_before(self, idempotency_key: str | None) -> bool:
+        """Say whether an answer under this idempotency key is already counted in `llm_calls`."""
+        if idempotency_key is None:
+            return False
+        return (
+            self.llm_calls.find_one({"idempotency_key": idempotency_key, "billed": True})
+            is not None
+        )
 
     def call_totals(self, job_id: str) -> Document:
         """Sum the job's audit trail: requests, billed usage and cost."""

@@ -40,6 +40,8 @@ POOL_MAXSIZE = 16
 
 PERMANENT_5XX = frozenset({501, 505})
 """Server errors that say the request itself can never work; every other 5xx may pass."""
+REPLAYED_HEADER = "Idempotent-Replayed"
+"""Response header a service sets when it answers a repeated Idempotency-Key from its store."""
 ABORT_ERROR_TYPES = {401: "unauthorized", 403: "forbidden", 404: "not_found"}
 PERMANENT_ERROR_TYPES = {400: "bad_request", 422: "unprocessable"}
 
@@ -130,6 +132,8 @@ class _Answer:
     parsed: ParsedResponse | None = None
     body: Any = None
     retry_after: str | None = None
+    replayed: bool = False
+    """The service answered from its idempotency store: nothing was processed or billed."""
 
     @property
     def transient(self) -> bool:
@@ -488,6 +492,7 @@ class LLMClient:
                     model=(answer.parsed.model if answer.parsed else None) or run.model,
                     idempotency_key=key,
                     at=at,
+                    replayed=answer.replayed,
                 )
             )
         return answer
@@ -516,7 +521,8 @@ class LLMClient:
         if status == 200:
             if body is None:
                 return _Answer(status, "bad_response", "the 200 response was not JSON", 0)
-            return _Answer(status, None, "", 0, body=body)
+            replayed = response.headers.get(REPLAYED_HEADER, "").lower() == "true"
+            return _Answer(status, None, "", 0, body=body, replayed=replayed)
         if 200 <= status < 300:
             return _Answer(status, "bad_response", f"unexpected HTTP {status}", 0, body=body)
         return _Answer(

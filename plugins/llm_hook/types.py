@@ -86,3 +86,7 @@ class CallRecord:
     idempotency_key: str | None
     at: datetime
     """UTC time the request was sent."""
+    replayed: bool = False
+    """The service answered from its idempotency store: it billed this usage once, for an
+    earlier request with the same key, whose answer may or may not have reached a client.
+    Count it only if that earlier answer was not counted."""

@@ -235,8 +235,13 @@ def test_two_workers_on_one_batch_leave_exactly_one_result_per_task(
 
     assert errors == []
     assert store.results.count_documents({"job_id": start.job_id}) == 10
-    # Same task set, same idempotency key: the service processed and billed it once.
-    assert sim.stats()["tasks_billed"] == 10
+    # Same task set, same idempotency key: the service processed and billed it once, and the
+    # audit trail counts the replayed answer at zero cost.
+    stats = sim.stats()
+    assert stats["tasks_billed"] == 10 and stats["replays"] == 1
+    calls = list(store.llm_calls.find({"job_id": start.job_id}))
+    assert sorted(c["replayed"] for c in calls) == [False, True]
+    assert sum(c["usage"]["output_tokens"] for c in calls) == stats["output_tokens_billed"]
 
 
 def test_a_refused_api_key_stops_the_job_and_spends_nothing_more(

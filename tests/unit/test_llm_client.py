@@ -745,6 +745,23 @@ def test_on_call_gets_one_record_per_attempt_with_usage_and_cost() -> None:
     assert h.records[0].model == "sim-small"
 
 
+def test_a_replayed_answer_resolves_tasks_and_is_flagged_for_the_audit_trail() -> None:
+    """The caller decides whether the replay's usage was already counted (see processing)."""
+    h = Harness(lambda sent: replace(ok(sent), headers={"Idempotent-Replayed": "true"}))
+    outcomes = h.complete(make_tasks("a", "b"), idempotency_key="job-1:batch-1")
+
+    assert {o.status for o in outcomes} == {OutcomeStatus.SUCCEEDED}
+    (record,) = h.records
+    assert record.replayed
+    assert record.usage == Usage(20, 10)
+
+
+def test_a_fresh_answer_is_not_marked_replayed() -> None:
+    h = Harness(ok)
+    h.complete(make_tasks("a"))
+    assert not h.records[0].replayed
+
+
 def test_latency_is_that_of_the_request_that_resolved_the_task() -> None:
     slow_503 = replace(error_reply(503), takes_s=1.5)
     h = Harness(slow_503, lambda sent: replace(ok(sent), takes_s=0.25))

@@ -66,9 +66,7 @@ def test_malformed_filter_json_is_refused_with_the_position() -> None:
 
 
 def test_filter_given_as_json_text_is_parsed() -> None:
-    assert parse_job_request({"filter": '{"payload.lang": "en"}'}).filter == {
-        "payload.lang": "en"
-    }
+    assert parse_job_request({"filter": '{"payload.lang": "en"}'}).filter == {"payload.lang": "en"}
 
 
 @pytest.mark.parametrize("value", ["[1, 2]", 7, [{"a": 1}]])

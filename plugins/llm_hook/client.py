@@ -1,10 +1,16 @@
 """The HTTP client: sends tasks, retries what is transient, and classifies every task's outcome.
 
 One `complete` call works in rounds. Each round sends the still-unresolved tasks
-in one request (split on 413). A request is retried on 5xx, timeouts, resets
-and unreadable bodies with full-jitter backoff, and waits out 429s. Items that
-come back transient or faulty (`overloaded`, a missing or duplicated id, ...)
-are asked for again in the next round, and only those.
+in one request (split on 413, and on a 200 that failed as a whole). A request is
+retried on 5xx, timeouts, resets and unreadable bodies with full-jitter backoff, and
+waits out 429s. Items that come back transient or faulty (`overloaded`, a missing or
+duplicated id, ...) are asked for again in the next round, and only those.
+
+Each attempt goes to one of the connection's endpoints: a weighted choice among those
+not resting, after the rate limiter has reserved a slot on it. An attempt that fails
+for a transient reason rests its endpoint (for everyone, through the limiter's store,
+when the failure says the endpoint is overloaded or unreachable), so the retry goes
+to another endpoint if there is one.
 """
 
 from __future__ import annotations
@@ -24,11 +30,14 @@ from types import TracebackType
 from typing import Any
 
 import requests
+import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
 from llm_hook.adapters import ParsedResponse, error_detail, make_adapter
+from llm_hook.endpoints import EndpointRouter
 from llm_hook.exceptions import LLMRequestError, LLMResponseError
-from llm_hook.settings import ClientSettings
+from llm_hook.ratelimit import EndpointPolicy, EndpointState, Feedback, Grant, RateLimiter
+from llm_hook.settings import ClientSettings, EndpointSettings
 from llm_hook.types import CallRecord, LLMTask, OutcomeStatus, TaskOutcome, Usage
 
 log = logging.getLogger(__name__)
@@ -44,6 +53,8 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 """Response header a service sets when it answers a repeated Idempotency-Key from its store."""
 ABORT_ERROR_TYPES = {401: "unauthorized", 403: "forbidden", 404: "not_found"}
 PERMANENT_ERROR_TYPES = {400: "bad_request", 422: "unprocessable"}
+MAX_TOKEN_PARAMS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+"""Params that bound a request's output tokens, for the token budget's estimate."""
 
 
 def encode_body(body: Mapping[str, Any]) -> bytes:
@@ -134,6 +145,10 @@ class _Answer:
     retry_after: str | None = None
     replayed: bool = False
     """The service answered from its idempotency store: nothing was processed or billed."""
+    connect_failed: bool = False
+    """No connection could be made: the endpoint, not this request, is the problem."""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Response headers the rate limiter learns from (`x-ratelimit-*`)."""
 
     @property
     def transient(self) -> bool:
@@ -193,7 +208,12 @@ class _Run:
 
 
 class LLMClient:
-    """A client for one LLM service, configured by `ClientSettings`; reuse it across calls."""
+    """A client for an LLM service, configured by `ClientSettings`; reuse it across calls.
+
+    :param rate_limiter: paces requests and shares endpoint health; give every worker one
+        over the same store (e.g. `llm_batch.ratelimit.MongoLimiterStore`) to share them
+        across processes. Default: a limiter private to this client.
+    """
 
     def __init__(
         self,
@@ -203,6 +223,7 @@ class LLMClient:
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self.settings = settings
         self._adapter = make_adapter(settings.adapter)
@@ -213,13 +234,37 @@ class LLMClient:
             session.mount("http://", pooled)
             session.mount("https://", pooled)
         self._session = session
-        self._auth = _BearerAuth(settings.api_key)
         self._sleep = sleep
         self._rng = rng if rng is not None else random.Random()
         self._clock = clock
+        self.rate_limiter = rate_limiter if rate_limiter is not None else RateLimiter()
+        self.endpoints = settings.endpoint_list()
+        self._auths = {e.id: _BearerAuth(e.api_key) for e in self.endpoints}
+        self._policies = {
+            e.id: EndpointPolicy(
+                e.id,
+                rpm=e.rpm or 0,
+                tpm=e.tpm or 0,
+                window_s=settings.rate_window_s,
+                cooldown_base_s=settings.cooldown_base_s,
+                cooldown_max_s=settings.cooldown_max_s,
+            )
+            for e in self.endpoints
+        }
+        self._router = EndpointRouter(self.endpoints, rng=self._rng, clock=clock)
+        self._secrets = sorted({e.api_key for e in self.endpoints}, key=len, reverse=True)
 
     def __repr__(self) -> str:
-        return f"LLMClient(base_url={self.settings.base_url!r}, model={self.settings.model!r})"
+        urls = ", ".join(e.url for e in self.endpoints)
+        return f"LLMClient(endpoints=[{urls}], model={self.settings.model!r})"
+
+    def answer_scope(self, model: str | None = None) -> dict[str, str]:
+        """Return what, besides instructions, params and input, decides an answer.
+
+        A response cache keys on it: the same input under another protocol (whose prompt
+        differs) or another model is another question.
+        """
+        return {"adapter": self.settings.adapter, "model": model or self.settings.model}
 
     def __enter__(self) -> LLMClient:
         return self
@@ -237,13 +282,17 @@ class LLMClient:
         if self._owns_session:
             self._session.close()
 
-    def list_models(self) -> list[str]:
-        """Return the model names the service offers (`GET /v1/models`); spends no tokens."""
-        url = self.settings.base_url + self._adapter.models_path
+    def list_models(self, endpoint_id: str | None = None) -> list[str]:
+        """Return the model names an endpoint offers (`GET /v1/models`); spends no tokens.
+
+        Asks the first endpoint unless `endpoint_id` names another.
+        """
+        endpoint = self._endpoint(endpoint_id)
+        url = endpoint.url + self._adapter.models_path
         try:
             response = self._session.get(
                 url,
-                auth=self._auth,
+                auth=self._auths[endpoint.id],
                 headers={"Accept": "application/json"},
                 timeout=(self.settings.connect_timeout_s, self.settings.timeout_s),
             )
@@ -263,7 +312,7 @@ class LLMClient:
             error_type = ABORT_ERROR_TYPES.get(response.status_code, f"http_{response.status_code}")
             raise LLMRequestError(
                 self._status_message(
-                    response.status_code, _json_or_none(response), self.settings.model
+                    response.status_code, _json_or_none(response), self.settings.model, endpoint
                 ),
                 error_type=error_type,
                 http_status=response.status_code,
@@ -340,16 +389,25 @@ class LLMClient:
         data = encode_body(body)
         ids = [task.id for task in tasks]
         key = derive_idempotency_key(run.base_key, data, round_no) if run.base_key else None
+        tokens = estimate_tokens(data, run.params)
         failures = 0
         rate_limit_waits = 0
         while True:
-            answer = self._post(run, path, data, ids, key)
+            endpoint, grant = self._route(tokens)
+            answer = self._post(run, endpoint, path, data, ids, key)
+            status = answer.http_status
             if answer.parsed is not None:
+                self._learn(endpoint, grant, Feedback.SUCCEEDED, answer, tokens)
+                whole = answer.parsed.whole_request
+                if whole and len(tasks) > 1:
+                    self._split(run, tasks, round_no, whole)
+                    return
                 self._apply(run, answer.parsed)
                 return
-            status = answer.http_status
             if status == 429:
                 rate_limit_waits += 1
+                delay = self._rate_limit_delay(answer.retry_after, rate_limit_waits)
+                self._learn(endpoint, grant, Feedback.RATE_LIMITED, answer, tokens, delay)
                 if rate_limit_waits > self.settings.max_rate_limit_waits:
                     self._give_up(
                         run,
@@ -359,19 +417,30 @@ class LLMClient:
                         f"{self.settings.max_rate_limit_waits} waits",
                     )
                     return
-                delay = self._rate_limit_delay(answer.retry_after, rate_limit_waits)
                 log.warning(
-                    "LLM request for %d task(s) rate limited (429); waiting %.2fs (wait %d of %d)",
+                    "LLM request for %d task(s) rate limited (429) by %s; resting it %.2fs "
+                    "(wait %d of %d)",
                     len(ids),
+                    endpoint.id,
                     delay,
                     rate_limit_waits,
                     self.settings.max_rate_limit_waits,
                 )
-                self._sleep(delay)
                 continue
             if status is None or answer.transient:
                 failures += 1
                 error_type = answer.error_type or "bad_response"
+                delay = self._backoff(failures)
+                if answer.connect_failed:
+                    feedback = Feedback.UNREACHABLE
+                elif status == 503:
+                    feedback = Feedback.OVERLOADED
+                    told = parse_retry_after(answer.retry_after, datetime.now(UTC))
+                    if told is not None:
+                        delay = min(told, self.settings.max_retry_after_s)
+                else:
+                    feedback = Feedback.FAILED
+                self._learn(endpoint, grant, feedback, answer, tokens, delay)
                 if failures >= self.settings.max_attempts:
                     self._give_up(
                         run,
@@ -380,39 +449,120 @@ class LLMClient:
                         f"{answer.message}; gave up after {failures} attempt(s)",
                     )
                     return
-                delay = self._backoff(failures)
                 log.warning(
-                    "LLM request for %d task(s) failed (%s); retrying in %.2fs (attempt %d of %d)",
+                    "LLM request for %d task(s) failed on %s (%s); retrying (attempt %d of %d)",
                     len(ids),
+                    endpoint.id,
                     error_type,
-                    delay,
                     failures,
                     self.settings.max_attempts,
                 )
-                self._sleep(delay)
                 continue
-            self._reject(run, tasks, round_no, status, answer.body)
+            self._learn(endpoint, grant, Feedback.REJECTED, answer, tokens)
+            self._reject(run, tasks, round_no, status, answer.body, endpoint)
             return
 
+    def _route(self, tokens: int) -> tuple[EndpointSettings, Grant]:
+        """Pick the endpoint for the next attempt and wait for its slot.
+
+        Weighted among the endpoints that are not resting; when all are, wait for the
+        first to recover and send to it (a probe, if it was unreachable).
+        """
+        for _ in range(len(self.endpoints)):
+            endpoint = self._router.choose()
+            if endpoint is None:
+                break
+            grant = self.rate_limiter.acquire(self._policies[endpoint.id], tokens)
+            if grant.usable:
+                if grant.probe:
+                    log.info("LLM endpoint %s: probing whether it is back", endpoint.id)
+                self._pause(grant.wait_s)
+                return endpoint, grant
+            # Another worker found it overloaded or unreachable: no need to find out again.
+            rest = grant.until - self.rate_limiter.now()
+            self._router.rest(endpoint, grant.state, rest, "reported by another worker")
+        endpoint, delay = self._router.first_to_recover()
+        if delay > 0:
+            log.info("LLM endpoints all resting; waiting %.2fs for %s", delay, endpoint.id)
+            self._sleep(delay)
+        grant = self.rate_limiter.acquire(self._policies[endpoint.id], tokens, force=True)
+        self._pause(grant.wait_s)
+        return endpoint, grant
+
+    def _pause(self, wait_s: float) -> None:
+        """Wait for a reserved slot (the rate limit's pacing)."""
+        if wait_s > 0:
+            if wait_s >= 1.0:
+                log.info("LLM rate limit: waiting %.2fs for a request slot", wait_s)
+            self._sleep(wait_s)
+
+    def _learn(
+        self,
+        endpoint: EndpointSettings,
+        grant: Grant,
+        feedback: Feedback,
+        answer: _Answer,
+        tokens: int,
+        rest_s: float = 0.0,
+    ) -> None:
+        """Tell the limiter what the attempt showed, and rest the endpoint here if it failed."""
+        used = answer.parsed.usage if answer.parsed is not None else None
+        record = self.rate_limiter.record(
+            self._policies[endpoint.id],
+            feedback,
+            grant=grant,
+            headers=answer.headers,
+            cooldown_s=rest_s,
+            tokens_estimate=tokens,
+            tokens_used=used.input_tokens + used.output_tokens if used is not None else None,
+        )
+        if feedback in (Feedback.SUCCEEDED, Feedback.REJECTED):
+            self._router.restore(endpoint)
+            if record is not None and record.state is EndpointState.OVERLOADED:
+                # The service says no requests remain until its reset.
+                rest = record.until - self.rate_limiter.now()
+                self._router.rest(endpoint, record.state, rest, "no requests remaining")
+            return
+        state = EndpointState.ACTIVE if feedback is Feedback.FAILED else EndpointState.OVERLOADED
+        if feedback is Feedback.UNREACHABLE:
+            state = EndpointState.UNREACHABLE
+        if record is not None and record.state is not EndpointState.ACTIVE:
+            state = record.state
+            rest_s = max(rest_s, record.until - self.rate_limiter.now())
+        self._router.rest(
+            endpoint, state, rest_s, answer.error_type or f"http_{answer.http_status}"
+        )
+
+    def _split(self, run: _Run, tasks: Sequence[LLMTask], round_no: int, reason: str) -> None:
+        """Send the two halves of a request as requests of their own, in the same round."""
+        half = len(tasks) // 2
+        log.warning(
+            "LLM request for %d task(s) failed as a whole (%s); splitting into %d + %d",
+            len(tasks),
+            reason,
+            half,
+            len(tasks) - half,
+        )
+        self._send(run, tasks[:half], round_no)
+        if not run.aborted:
+            self._send(run, tasks[half:], round_no)
+
     def _reject(
-        self, run: _Run, tasks: Sequence[LLMTask], round_no: int, status: int, body: Any
+        self,
+        run: _Run,
+        tasks: Sequence[LLMTask],
+        round_no: int,
+        status: int,
+        body: Any,
+        endpoint: EndpointSettings,
     ) -> None:
         """Settle a request the service refused for good: abort, split, or fail its tasks."""
         ids = [task.id for task in tasks]
         server_type, message = error_detail(body)
         if status in ABORT_ERROR_TYPES:
-            self._abort(run, status, body)
+            self._abort(run, status, body, endpoint)
         elif status == 413 and len(tasks) > 1:
-            half = len(tasks) // 2
-            log.warning(
-                "LLM request for %d task(s) too large (413); splitting into %d + %d",
-                len(tasks),
-                half,
-                len(tasks) - half,
-            )
-            self._send(run, tasks[:half], round_no)
-            if not run.aborted:
-                self._send(run, tasks[half:], round_no)
+            self._split(run, tasks, round_no, "too large (413)")
         elif status == 413:
             for task_id in ids:
                 run.resolve(
@@ -444,19 +594,25 @@ class LLMClient:
                 )
 
     def _post(
-        self, run: _Run, path: str, data: bytes, ids: Sequence[str], key: str | None
+        self,
+        run: _Run,
+        endpoint: EndpointSettings,
+        path: str,
+        data: bytes,
+        ids: Sequence[str],
+        key: str | None,
     ) -> _Answer:
         """Make one HTTP attempt, account for it and report it to `on_call`."""
         run.attempt += 1
         for task_id in ids:
             run.states[task_id].attempts += 1
-        url = self.settings.base_url + path
+        url = endpoint.url + path
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if key is not None:
             headers["Idempotency-Key"] = key
         at = datetime.now(UTC)
         started = self._clock()
-        answer = self._exchange(url, data, headers)
+        answer = self._exchange(url, data, headers, self._auths[endpoint.id])
         answer.latency_ms = max(0, int((self._clock() - started) * 1000))
         if answer.parsed is None and answer.http_status == 200 and answer.body is not None:
             try:
@@ -497,16 +653,22 @@ class LLMClient:
             )
         return answer
 
-    def _exchange(self, url: str, data: bytes, headers: dict[str, str]) -> _Answer:
+    def _exchange(
+        self, url: str, data: bytes, headers: dict[str, str], auth: _BearerAuth
+    ) -> _Answer:
         """POST and read the answer; transport failures become an `_Answer` without a status."""
         timeouts = (self.settings.connect_timeout_s, self.settings.timeout_s)
         try:
             response = self._session.post(
-                url, data=data, headers=headers, auth=self._auth, timeout=timeouts
+                url, data=data, headers=headers, auth=auth, timeout=timeouts
             )
         except requests.ConnectTimeout:
             return _Answer(
-                None, "timeout", f"could not connect within {self.settings.connect_timeout_s}s", 0
+                None,
+                "timeout",
+                f"could not connect within {self.settings.connect_timeout_s}s",
+                0,
+                connect_failed=True,
             )
         except requests.Timeout:
             return _Answer(None, "timeout", f"no response within {self.settings.timeout_s}s", 0)
@@ -514,15 +676,20 @@ class LLMClient:
             return _Answer(None, "bad_response", "the response body was cut off or garbled", 0)
         except requests.RequestException as exc:
             return _Answer(
-                None, "connection_error", f"the connection failed ({type(exc).__name__})", 0
+                None,
+                "connection_error",
+                f"the connection failed ({type(exc).__name__})",
+                0,
+                connect_failed=_never_connected(exc),
             )
         status = response.status_code
         body = _json_or_none(response)
+        limits = {k: v for k, v in response.headers.items() if k.lower().startswith("x-ratelimit")}
         if status == 200:
             if body is None:
                 return _Answer(status, "bad_response", "the 200 response was not JSON", 0)
             replayed = response.headers.get(REPLAYED_HEADER, "").lower() == "true"
-            return _Answer(status, None, "", 0, body=body, replayed=replayed)
+            return _Answer(status, None, "", 0, body=body, replayed=replayed, headers=limits)
         if 200 <= status < 300:
             return _Answer(status, "bad_response", f"unexpected HTTP {status}", 0, body=body)
         return _Answer(
@@ -532,6 +699,7 @@ class LLMClient:
             0,
             body=body,
             retry_after=response.headers.get("Retry-After"),
+            headers=limits,
         )
 
     def _apply(self, run: _Run, parsed: ParsedResponse) -> None:
@@ -568,10 +736,10 @@ class LLMClient:
         if faults:
             log.warning("LLM response left task(s) unresolved: %s", dict(faults))
 
-    def _abort(self, run: _Run, status: int, body: Any) -> None:
+    def _abort(self, run: _Run, status: int, body: Any, endpoint: EndpointSettings) -> None:
         """Mark every unresolved task ABORTED: the settings are wrong, more requests won't help."""
         run.aborted = True
-        message = self._status_message(status, body, run.model)
+        message = self._status_message(status, body, run.model, endpoint)
         error_type = ABORT_ERROR_TYPES[status]
         unresolved = [task_id for task_id, s in run.states.items() if s.outcome is None]
         log.error(
@@ -610,26 +778,26 @@ class LLMClient:
             model=run.model,
         )
 
-    def _status_message(self, status: int, body: Any, model: str) -> str:
+    def _status_message(
+        self, status: int, body: Any, model: str, endpoint: EndpointSettings
+    ) -> str:
         """Say what a non-retryable status means and which connection setting to check."""
         _, detail = error_detail(body)
         said = f"HTTP {status}" + (f": {detail}" if detail else "")
         conn = self._conn()
+        key_field = "the password (API key)" if not self.settings.endpoints else "the `api_key`"
+        where = "" if not self.settings.endpoints else f" (endpoint {endpoint.id})"
         if status == 401:
-            text = (
-                f"The service rejected the API key ({said}). "
-                f"Check the password (API key) of {conn}."
-            )
+            text = f"The service rejected the API key{where} ({said}). Check {key_field} of {conn}."
         elif status == 403:
             text = (
-                f"The API key may not use this service or model ({said}). Check the API key of "
-                f"{conn} and its access to model {model!r}."
+                f"The API key may not use this service or model{where} ({said}). Check the API "
+                f"key of {conn} and its access to model {model!r}."
             )
         elif status == 404:
             text = (
                 f"The service has no such model or endpoint ({said}). Check the model name "
-                f"{model!r} (extra `model`) and the host (Base URL) {self.settings.base_url} "
-                f"of {conn}."
+                f"{model!r} (extra `model`) and the base URL {endpoint.url} of {conn}."
             )
         else:
             text = f"The service answered {said}."
@@ -653,10 +821,22 @@ class LLMClient:
         ) / 1000
 
     def _redact(self, text: str) -> str:
-        """Keep the API key out of messages, even if a server echoes it back."""
-        key = self.settings.api_key
-        # Like Airflow's secrets masker, leave keys too short to be secrets alone.
-        return text.replace(key, "***") if len(key) >= 5 else text
+        """Keep the API keys out of messages, even if a server echoes one back."""
+        for key in self._secrets:
+            # Like Airflow's secrets masker, leave keys too short to be secrets alone.
+            if len(key) >= 5:
+                text = text.replace(key, "***")
+        return text
+
+    def _endpoint(self, endpoint_id: str | None) -> EndpointSettings:
+        if endpoint_id is None:
+            return self.endpoints[0]
+        for endpoint in self.endpoints:
+            if endpoint.id == endpoint_id:
+                return endpoint
+        raise ValueError(
+            f"no endpoint {endpoint_id!r}; known: {', '.join(e.id for e in self.endpoints)}"
+        )
 
     def _conn(self) -> str:
         conn_id = self.settings.conn_id
@@ -675,6 +855,42 @@ def _check_tasks(tasks: Sequence[LLMTask]) -> None:
     duplicates = sorted(task_id for task_id, n in Counter(ids).items() if n > 1)
     if duplicates:
         raise ValueError(f"Task ids must be unique within a call; repeated: {duplicates}")
+
+
+def estimate_tokens(data: bytes, params: Mapping[str, Any] | None) -> int:
+    """Guess a request's tokens before sending: its bytes / 4, plus its output bound.
+
+    Without an output bound the output is guessed as large as the input. The rate
+    limiter settles the difference once the service reports the real usage.
+    """
+    prompt = math.ceil(len(data) / 4)
+    for name in MAX_TOKEN_PARAMS:
+        bound = (params or {}).get(name)
+        if isinstance(bound, int) and not isinstance(bound, bool) and bound > 0:
+            return prompt + bound
+    return 2 * prompt
+
+
+def _never_connected(exc: requests.RequestException) -> bool:
+    """Say whether a connection error happened before any byte was sent (refused, DNS)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(
+            cause, urllib3.exceptions.NewConnectionError | urllib3.exceptions.ConnectTimeoutError
+        ):
+            return True
+        # requests wraps urllib3's MaxRetryError in args[0]; that holds the cause in `reason`.
+        reason = getattr(cause, "reason", None)
+        first = cause.args[0] if cause.args else None
+        if isinstance(reason, BaseException):
+            cause = reason
+        elif isinstance(first, BaseException):
+            cause = first
+        else:
+            cause = cause.__cause__
+    return False
 
 
 def _json_or_none(response: requests.Response) -> Any:

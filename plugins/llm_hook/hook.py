@@ -8,6 +8,7 @@ from typing import Any
 from airflow.sdk import BaseHook
 
 from llm_hook.client import LLMClient
+from llm_hook.ratelimit import RateLimiter
 from llm_hook.settings import EXTRA_EXAMPLE, ClientSettings
 
 
@@ -28,27 +29,37 @@ class LLMHook(BaseHook):
         self.llm_conn_id = llm_conn_id
         self._client: LLMClient | None = None
 
-    def get_conn(self) -> LLMClient:
-        """Return the client, reading the connection on first use only."""
+    def get_conn(self, rate_limiter: RateLimiter | None = None) -> LLMClient:
+        """Return the client, reading the connection on first use only.
+
+        :param rate_limiter: shares request pacing and endpoint health with other workers
+            (used when the client is built, on the first call).
+        """
         if self._client is None:
             conn = self.get_connection(self.llm_conn_id)
-            self._client = LLMClient(ClientSettings.from_connection(conn))
+            self._client = LLMClient(
+                ClientSettings.from_connection(conn), rate_limiter=rate_limiter
+            )
         return self._client
 
     def test_connection(self) -> tuple[bool, str]:
-        """List the service's models: proves URL and key without spending tokens."""
+        """List each endpoint's models: proves URLs and keys without spending tokens."""
         try:
             client = self.get_conn()
-            models = client.list_models()
+            offered = {e.url: client.list_models(e.id) for e in client.endpoints}
         except Exception as exc:  # the UI shows the message; any failure is a failed test
             return False, str(exc)
         model = client.settings.model
-        if models and model not in models:
-            return False, (
-                f"Connected to {client.settings.base_url}, but the default model {model!r} is not "
-                f"offered (available: {', '.join(models[:20])}); fix `model` in the extra."
-            )
-        return True, f"Connected to {client.settings.base_url}: {len(models)} model(s) available."
+        for url, models in offered.items():
+            if models and model not in models:
+                return False, (
+                    f"Connected to {url}, but the default model {model!r} is not offered "
+                    f"(available: {', '.join(models[:20])}); fix `model` in the extra."
+                )
+        return True, "; ".join(
+            f"Connected to {url}: {len(models)} model(s) available"
+            for url, models in offered.items()
+        ) + "."
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:

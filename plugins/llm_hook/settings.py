@@ -11,12 +11,17 @@ Connection fields (connection type `llm_batch`):
   `base_url` and `api_key`, by the same names, e.g.
   `{"model": "sim-small", "timeout_s": 30, "max_attempts": 4}`.
   Unknown names are rejected so a typo cannot silently fall back to a default.
+
+Several endpoints (servers or keys) go in the extra as `endpoints`, a list of
+`{"url", "api_key", "weight", "rpm", "tpm", "name"}` objects; then the host stays empty
+and the password, if set, is the key of every endpoint that names none.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from collections import Counter
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -40,14 +45,50 @@ class ConnectionLike(Protocol):
 
 
 @dataclass(frozen=True)
-class ClientSettings:
-    """Everything the client needs to talk to one LLM service."""
+class EndpointSettings:
+    """One server, or one API key on a server, that requests may go to."""
 
-    base_url: str
-    """Scheme, host, optional port and path prefix; endpoints are appended (`/v1/batch`)."""
-    api_key: str = field(repr=False)
+    url: str
+    """Base URL, as the connection's host: scheme, host, optional port and path prefix."""
+    api_key: str = field(default="", repr=False)
+    """Empty: the connection's password."""
+    weight: float = 1.0
+    """Share of the requests this endpoint gets while all endpoints are usable."""
+    rpm: int | None = None
+    """Requests per `rate_window_s` allowed; None: the connection's `rpm`; 0: no limit."""
+    tpm: int | None = None
+    """Tokens per `rate_window_s` allowed; None: the connection's `tpm`; 0: no limit."""
+    name: str = ""
+    """Its id in logs and the shared rate-limit store; empty: the URL. Give endpoints that
+    share a URL (several keys on one server) distinct names."""
+
+    @property
+    def id(self) -> str:
+        """Return the name under which workers share this endpoint's limits and health."""
+        return self.name or self.url
+
+
+ENDPOINT_FIELDS: dict[str, type] = {
+    "url": str,
+    "api_key": str,
+    "weight": float,
+    "rpm": int,
+    "tpm": int,
+    "name": str,
+}
+"""Names allowed in one entry of the extra's `endpoints` list, with the type each is read as."""
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Everything the client needs to talk to an LLM service through one or more endpoints."""
+
+    base_url: str = ""
+    """Scheme, host, optional port and path prefix; paths are appended (`/v1/batch`).
+    Empty when `endpoints` lists the servers instead."""
+    api_key: str = field(default="", repr=False)
     adapter: str = "batch"
-    """Wire protocol: `batch` (the batch LLM API contract)."""
+    """Wire protocol: `batch` (the batch LLM API contract) or `openai` (chat completions)."""
     model: str = "sim-small"
     """Model used when `complete` is not given one."""
     connect_timeout_s: float = 5.0
@@ -67,15 +108,37 @@ class ClientSettings:
     """USD per 1000 input tokens."""
     price_output_per_1k: float = 0.0
     """USD per 1000 output tokens."""
+    endpoints: tuple[EndpointSettings, ...] = ()
+    """Several endpoints to spread requests over and fail over between; empty: the one
+    endpoint given by `base_url` and `api_key`."""
+    rpm: int = 0
+    """Requests per `rate_window_s` per endpoint, shared by all workers; 0: no limit."""
+    tpm: int = 0
+    """Tokens per `rate_window_s` per endpoint, shared by all workers; 0: no limit."""
+    rate_window_s: float = 60.0
+    """The window `rpm`, `tpm` and the `x-ratelimit-limit-*` headers count over."""
+    cooldown_base_s: float = 1.0
+    """How long an unreachable endpoint rests before it is probed, doubling per failure."""
+    cooldown_max_s: float = 60.0
     conn_id: str | None = None
     """The Airflow connection these came from, named in error messages."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "base_url", _check_base_url(self.base_url, self.conn_id))
-        if not isinstance(self.api_key, str) or not self.api_key.strip():
-            raise LLMConfigError(
-                f"No API key: set the password (API key) of {_conn(self.conn_id)}."
-            )
+        if isinstance(self.endpoints, list):
+            object.__setattr__(self, "endpoints", tuple(self.endpoints))
+        if self.endpoints:
+            if self.base_url:
+                raise LLMConfigError(
+                    f"{_conn(self.conn_id)} has both a host (Base URL) and `endpoints` in its "
+                    "extra: clear the host, or drop `endpoints` to use the host alone."
+                )
+            self._check_endpoints()
+        else:
+            object.__setattr__(self, "base_url", _check_base_url(self.base_url, self.conn_id))
+            if not isinstance(self.api_key, str) or not self.api_key.strip():
+                raise LLMConfigError(
+                    f"No API key: set the password (API key) of {_conn(self.conn_id)}."
+                )
         if self.adapter not in ADAPTERS:
             raise self._error("adapter", f"must be one of {', '.join(ADAPTERS)}")
         if not isinstance(self.model, str) or not self.model.strip():
@@ -84,15 +147,67 @@ class ClientSettings:
             self._check_number(name, minimum=0.0, strict=True)
         for name in ("max_attempts", "max_rounds"):
             self._check_number(name, minimum=1, integer=True)
-        self._check_number("max_rate_limit_waits", minimum=0, integer=True)
+        for name in ("max_rate_limit_waits", "rpm", "tpm"):
+            self._check_number(name, minimum=0, integer=True)
         for name in (
             "backoff_base_s",
             "backoff_max_s",
             "max_retry_after_s",
             "price_input_per_1k",
             "price_output_per_1k",
+            "cooldown_base_s",
+            "cooldown_max_s",
         ):
             self._check_number(name, minimum=0.0)
+        self._check_number("rate_window_s", minimum=0.0, strict=True)
+
+    def endpoint_list(self) -> tuple[EndpointSettings, ...]:
+        """Return the endpoints with keys and limits resolved: the list, or the single one."""
+        if not self.endpoints:
+            return (EndpointSettings(self.base_url, self.api_key, 1.0, self.rpm, self.tpm),)
+        return tuple(
+            replace(
+                endpoint,
+                api_key=endpoint.api_key or self.api_key,
+                rpm=self.rpm if endpoint.rpm is None else endpoint.rpm,
+                tpm=self.tpm if endpoint.tpm is None else endpoint.tpm,
+            )
+            for endpoint in self.endpoints
+        )
+
+    def _check_endpoints(self) -> None:
+        checked: list[EndpointSettings] = []
+        for position, endpoint in enumerate(self.endpoints):
+            where = f"endpoints[{position}] in the extra of {_conn(self.conn_id)}"
+            if not isinstance(endpoint, EndpointSettings):
+                raise LLMConfigError(f"{where} must be an object with at least a `url`.")
+            url = _check_base_url(endpoint.url, self.conn_id)
+            key = endpoint.api_key or self.api_key
+            if not isinstance(key, str) or not key.strip():
+                raise LLMConfigError(
+                    f"No API key for {where}: set its `api_key`, or the connection's password "
+                    "(API key) for every endpoint."
+                )
+            weight = endpoint.weight
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or weight <= 0:
+                raise LLMConfigError(f"`weight` of {where} must be a number > 0.")
+            for name in ("rpm", "tpm"):
+                value = getattr(endpoint, name)
+                if value is not None and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < 0
+                ):
+                    raise LLMConfigError(f"`{name}` of {where} must be an integer >= 0.")
+            if not isinstance(endpoint.name, str):
+                raise LLMConfigError(f"`name` of {where} must be text.")
+            checked.append(replace(endpoint, url=url))
+        ids = Counter(endpoint.id for endpoint in checked)
+        shared = sorted(endpoint_id for endpoint_id, n in ids.items() if n > 1)
+        if shared:
+            raise LLMConfigError(
+                f"Several endpoints of {_conn(self.conn_id)} are named {', '.join(shared)}: "
+                "give each a distinct `name` (endpoints that share a URL need one)."
+            )
+        object.__setattr__(self, "endpoints", tuple(checked))
 
     @classmethod
     def from_connection(cls, conn: ConnectionLike) -> ClientSettings:
@@ -113,8 +228,10 @@ class ClientSettings:
             name: _coerce(name, value, EXTRA_FIELDS[name], conn.conn_id)
             for name, value in extra.items()
         }
+        if "endpoints" in values:
+            values["endpoints"] = _endpoints_from(values["endpoints"], conn.conn_id)
         return cls(
-            base_url=_base_url_from(conn),
+            base_url="" if values.get("endpoints") and not conn.host else _base_url_from(conn),
             api_key=conn.password or "",
             conn_id=conn.conn_id,
             **values,
@@ -139,7 +256,9 @@ class ClientSettings:
 
 
 EXTRA_FIELDS: dict[str, type] = {
-    f.name: {"str": str, "int": int, "float": float}[str(f.type)]
+    f.name: {"str": str, "int": int, "float": float, "tuple[EndpointSettings, ...]": list}[
+        str(f.type)
+    ]
     for f in fields(ClientSettings)
     if f.name not in ("base_url", "api_key", "conn_id")
 }
@@ -159,9 +278,47 @@ def _conn(conn_id: str | None) -> str:
     return f"connection {conn_id!r}" if conn_id else "the LLM connection"
 
 
+def _endpoints_from(value: Any, conn_id: str | None) -> tuple[EndpointSettings, ...]:
+    """Read the extra's `endpoints` list into `EndpointSettings`, naming any bad entry."""
+    if not isinstance(value, list):
+        raise LLMConfigError(
+            f"`endpoints` in the extra of {_conn(conn_id)} must be a list of objects such as "
+            '{"url": "https://api.example.com", "api_key": "...", "weight": 1, "rpm": 500}.'
+        )
+    endpoints: list[EndpointSettings] = []
+    for position, entry in enumerate(value):
+        where = f"endpoints[{position}] in the extra of {_conn(conn_id)}"
+        if not isinstance(entry, dict) or not entry.get("url"):
+            raise LLMConfigError(f"{where} must be an object with at least a `url`.")
+        unknown = sorted(set(entry) - set(ENDPOINT_FIELDS))
+        if unknown:
+            raise LLMConfigError(
+                f"Unknown field(s) {', '.join(unknown)} in {where}; known fields: "
+                f"{', '.join(ENDPOINT_FIELDS)}."
+            )
+        endpoints.append(
+            EndpointSettings(
+                **{
+                    name: _coerce(
+                        f"endpoints[{position}].{name}", v, ENDPOINT_FIELDS[name], conn_id
+                    )
+                    for name, v in entry.items()
+                }
+            )
+        )
+    return tuple(endpoints)
+
+
 def _coerce(name: str, value: Any, kind: type, conn_id: str | None) -> Any:
-    """Accept numbers given as strings: connection URIs carry every extra as text."""
-    if kind is str or not isinstance(value, str):
+    """Accept numbers (and the endpoint list) given as strings: connection URIs carry text."""
+    if kind is list and isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError as exc:
+            raise LLMConfigError(
+                f"Setting {name} is not a JSON list: fix `{name}` in the extra of {_conn(conn_id)}."
+            ) from exc
+    if kind in (str, list) or not isinstance(value, str):
         return value
     try:
         return int(value) if kind is int else float(value)

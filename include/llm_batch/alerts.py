@@ -1,0 +1,100 @@
+"""Alerts that lead to an action: fire only when someone must do something, and say what.
+
+An alert is always written to the log; it is also POSTed as JSON to a webhook (a generic
+endpoint, or a Slack incoming webhook, which takes the same `{"text": ...}` body) when
+`LLM_BATCH_ALERT_WEBHOOK` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import requests
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FAILURE_RATE = 0.30
+"""A job whose failed share of tasks is above this fires an alert."""
+WEBHOOK_ENV = "LLM_BATCH_ALERT_WEBHOOK"
+
+NEXT_STEPS = {
+    "invalid_input": "fix the payloads of the failed tasks, then re-drive them: "
+    "llm-batch redrive {job_id}",
+    "content_filtered": "the provider's content filter blocked these inputs; review them "
+    "(re-driving them unchanged will fail again)",
+    "not_processed": "the LLM service kept failing (see llm_calls for status codes); when it is "
+    "healthy, resume the job: llm-batch submit --all --job-id {job_id} --wait",
+    "job_aborted": "the service refused the connection llm_default (API key, model or URL): "
+    "fix it, then resume: llm-batch submit --all --job-id {job_id} --wait",
+    "too_large": "these inputs exceed the service's request size: shorten them, then re-drive",
+    "task_missing": "task documents were deleted while the job ran: recreate them if needed",
+}
+DEFAULT_NEXT_STEP = (
+    "inspect results with error.type {error_type!r} and re-drive: llm-batch redrive {job_id}"
+)
+
+
+@dataclass(frozen=True)
+class Alert:
+    """What went wrong with a job, and what to do next."""
+
+    job_id: str
+    kind: str
+    """`failure_rate` or `deadline_missed`."""
+    text: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def failure_rate_alert(summary: Mapping[str, Any], threshold: float) -> Alert | None:
+    """Return an alert if more than `threshold` of the job's tasks failed, else None."""
+    total = int(summary.get("task_count") or 0)
+    failed = int((summary.get("counts") or {}).get("failed", 0))
+    if total == 0 or failed / total <= threshold:
+        return None
+    job_id = summary["job_id"]
+    top = list(summary.get("top_errors") or [])
+    lines = [
+        f"LLM batch job {job_id}: {failed / total:.0%} of {total} tasks failed "
+        f"(threshold {threshold:.0%}); counts {dict(summary.get('counts') or {})}.",
+    ]
+    for error in top[:3]:
+        lines.append(f"- {error['type']} x{error['count']}, e.g. {error['example']}")
+    if top:
+        main = top[0]["type"]
+        step = NEXT_STEPS.get(main, DEFAULT_NEXT_STEP)
+        lines.append("Next: " + step.format(job_id=job_id, error_type=main))
+    return Alert(job_id, "failure_rate", "\n".join(lines))
+
+
+def deadline_alert(job_id: str | None, run_id: str, deadline: str) -> Alert:
+    """Return the alert for a run still going past its deadline."""
+    job = job_id or "(not created yet)"
+    return Alert(
+        job_id or run_id,
+        "deadline_missed",
+        f"LLM batch job {job} (run {run_id}) is still running past its deadline of {deadline}. "
+        f"Next: check `llm-batch status {job}` for progress and the pool llm_api for queued "
+        "batches; cancel it with `llm-batch cancel JOB` if it should not finish.",
+    )
+
+
+def notify(alert: Alert, webhook_url: str | None = None) -> list[str]:
+    """Deliver `alert` to the log and any configured webhook; return the channels used."""
+    log.warning("ALERT %s for job %s\n%s", alert.kind, alert.job_id, alert.text)
+    channels = ["log"]
+    url = webhook_url or os.environ.get(WEBHOOK_ENV)
+    if url:
+        try:
+            response = requests.post(url, json={"text": alert.text, **alert.to_dict()}, timeout=10)
+            response.raise_for_status()
+            channels.append("webhook")
+        except requests.RequestException as exc:
+            # An alert that cannot be delivered must not fail the job it reports on.
+            log.error("alert webhook failed (%s); the alert is in this log only", exc)
+    return channels

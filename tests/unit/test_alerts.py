@@ -1,0 +1,90 @@
+"""Alerts fire only past the threshold and name the top error and the next step."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from typing import Any
+
+import pytest
+
+from llm_batch.alerts import DEFAULT_FAILURE_RATE, deadline_alert, failure_rate_alert, notify
+
+
+def summary(failed: int, total: int = 100, error_type: str = "invalid_input") -> dict[str, Any]:
+    return {
+        "job_id": "job-1",
+        "task_count": total,
+        "counts": {"succeeded": total - failed, "failed": failed},
+        "top_errors": [{"type": error_type, "count": failed, "example": "payload has no text"}]
+        if failed
+        else [],
+    }
+
+
+def test_no_alert_at_five_percent_failures() -> None:
+    assert failure_rate_alert(summary(5), DEFAULT_FAILURE_RATE) is None
+
+
+def test_no_alert_exactly_at_the_threshold() -> None:
+    assert failure_rate_alert(summary(30), 0.30) is None
+
+
+def test_alert_at_forty_percent_names_the_top_error_and_what_to_do() -> None:
+    alert = failure_rate_alert(summary(40), DEFAULT_FAILURE_RATE)
+    assert alert is not None
+    assert "40% of 100 tasks failed" in alert.text
+    assert "invalid_input x40, e.g. payload has no text" in alert.text
+    assert "Next: fix the payloads" in alert.text
+    assert "llm-batch redrive job-1" in alert.text
+
+
+def test_an_unknown_error_type_still_gets_a_next_step() -> None:
+    alert = failure_rate_alert(summary(50, error_type="weird"), 0.3)
+    assert alert is not None and "error.type 'weird'" in alert.text
+
+
+def test_deadline_alert_says_how_to_check_and_cancel() -> None:
+    alert = deadline_alert("job-9", "run-9", "2026-11-22T03:00:00Z")
+    assert "past its deadline" in alert.text and "llm-batch cancel" in alert.text
+
+
+class _Capture(http.server.BaseHTTPRequestHandler):
+    received: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Capture.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def webhook() -> Any:
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Capture)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Capture.received = []
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    server.shutdown()
+
+
+def test_notify_logs_always_and_posts_to_a_configured_webhook(
+    webhook: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    alert = failure_rate_alert(summary(40), 0.3)
+    assert alert is not None
+    assert notify(alert, webhook_url=webhook) == ["log", "webhook"]
+    assert "ALERT failure_rate for job job-1" in caplog.text
+    assert _Capture.received[0]["text"] == alert.text
+    assert _Capture.received[0]["job_id"] == "job-1"
+
+
+def test_an_unreachable_webhook_does_not_raise(caplog: pytest.LogCaptureFixture) -> None:
+    alert = deadline_alert(None, "run-1", "soon")
+    assert notify(alert, webhook_url="http://127.0.0.1:9/nothing") == ["log"]
+    assert "alert webhook failed" in caplog.text

@@ -21,6 +21,15 @@ JOBS = "jobs"
 BATCHES = "batches"
 RESULTS = "results"
 LLM_CALLS = "llm_calls"
+LLM_CACHE = "llm_cache"
+"""Stored answers, reused for identical (model, instructions, params, input)."""
+LLM_ENDPOINTS = "llm_endpoints"
+"""The rate limiter's shared record per LLM endpoint: request budget and health."""
+
+CACHE_MAX_AGE_S = 7 * 24 * 3600.0
+"""Cached answers older than this are not reused; `LLM_BATCH_CACHE_MAX_AGE_S` overrides it
+(0 turns the cache off)."""
+CACHE_MAX_AGE_ENV = "LLM_BATCH_CACHE_MAX_AGE_S"
 
 JOB_DAG_ID = "llm_batch_job"
 

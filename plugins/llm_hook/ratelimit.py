@@ -137,6 +137,8 @@ class Grant:
     """False: the endpoint is cooling down until `until`; nothing was reserved."""
     wait_s: float = 0.0
     """Sleep this long, then send: the slot is reserved."""
+    at: float = 0.0
+    """When the reserved slot starts."""
     probe: bool = False
     """This request probes an endpoint that was unreachable."""
     state: EndpointState = EndpointState.ACTIVE
@@ -190,7 +192,9 @@ def reserve(
         # Other workers leave it alone while this probe is out; if this worker dies, the
         # lease runs out and another probes.
         updated = replace(updated, until=start + PROBE_LEASE_S)
-    grant = Grant(True, wait_s=start - now, probe=probe, state=updated.state, until=updated.until)
+    grant = Grant(
+        True, wait_s=start - now, at=start, probe=probe, state=updated.state, until=updated.until
+    )
     return updated, replace(grant, record=updated)
 
 
@@ -369,7 +373,11 @@ class RateLimiter:
         def change(record: EndpointRecord) -> tuple[EndpointRecord, Grant]:
             return reserve(record, policy, tokens, now, force=force, headroom=self.headroom)
 
-        return self.store.modify(policy.endpoint_id, change)
+        grant = self.store.modify(policy.endpoint_id, change)
+        if grant.usable:
+            # Time spent racing other writers is time already waited.
+            grant = replace(grant, wait_s=max(0.0, grant.at - self._clock()))
+        return grant
 
     def record(
         self,

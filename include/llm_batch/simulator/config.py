@@ -36,7 +36,10 @@ class SimulatorConfig:
     max_concurrency: int = 0
     """Requests processed at once; one more gets 429 with `Retry-After: 1`. 0 = unlimited."""
     rpm_limit: int = 0
-    """Accepted requests in any rolling 60 s window; one more gets 429. 0 = unlimited."""
+    """Accepted requests in any rolling `rpm_window_s` window; one more gets 429. 0 = unlimited."""
+    rpm_window_s: float = 60.0
+    """The rolling window of `rpm_limit`, `peak_requests_per_minute` and the rate-limit
+    headers. Tests shrink it to check a per-minute property in seconds."""
 
     error_5xx_rate: float = 0.0
     """Chance a request gets 500/502/503/504 instead of processing (not billed)."""
@@ -134,6 +137,9 @@ def _validate(name: str, value: Any) -> None:
         minimum = _INT_MINIMUMS[name]
         if not _is_int(value) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    elif name == "rpm_window_s":
+        if not _is_number(value) or value <= 0:
+            raise ValueError(f"rpm_window_s must be a number of seconds > 0, got {value!r}")
     elif name in _DURATIONS:
         if not _is_number(value) or value < 0:
             raise ValueError(f"{name} must be a number of milliseconds >= 0, got {value!r}")

@@ -65,7 +65,6 @@ DISCARD_LIMIT_BYTES = 64 * 1_048_576
 """An oversized body up to this size is read and thrown away so the connection stays usable."""
 IDEMPOTENCY_WAIT_S = 120.0
 """How long a request waits for an earlier one with the same key before processing on its own."""
-RATE_WINDOW_S = 60.0
 KEEP_ALIVE_IDLE_S = 300
 SHUTDOWN_POLL_S = 0.1
 """How often the accept loop checks for a stop request: a SIGTERM takes effect this fast."""
@@ -274,11 +273,12 @@ class SimulatorState:
             self._prune_window(now)
             if config.rpm_limit and len(self._window) >= config.rpm_limit:
                 self._rejections["rpm"] += 1
-                wait_s = max(1, math.ceil(self._window[0] + RATE_WINDOW_S - now))
+                wait_s = max(1, math.ceil(self._window[0] + config.rpm_window_s - now))
                 raise ApiError(
                     429,
                     "rate_limited",
-                    f"rate limit of {config.rpm_limit} requests per minute reached; "
+                    f"rate limit of {config.rpm_limit} requests per "
+                    f"{config.rpm_window_s:g} s reached; "
                     f"retry after {wait_s} s",
                     retry_after_s=wait_s,
                 )
@@ -292,7 +292,7 @@ class SimulatorState:
             self._admitted -= 1
 
     def _prune_window(self, now: float) -> None:
-        while self._window and self._window[0] <= now - RATE_WINDOW_S:
+        while self._window and self._window[0] <= now - self.config.rpm_window_s:
             self._window.popleft()
 
     def ratelimit_headers(self, config: SimulatorConfig) -> dict[str, str]:
@@ -303,7 +303,7 @@ class SimulatorState:
             now = time.monotonic()
             self._prune_window(now)
             used = len(self._window)
-            reset_s = math.ceil(self._window[0] + RATE_WINDOW_S - now) if used else 0
+            reset_s = math.ceil(self._window[0] + config.rpm_window_s - now) if used else 0
         return {
             "x-ratelimit-limit-requests": str(config.rpm_limit),
             "x-ratelimit-remaining-requests": str(max(0, config.rpm_limit - used)),

@@ -130,26 +130,143 @@ def tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
+MONGO_WIRE_SERVER = "mongo-wire server (SecantusDB)"
+SIMULATOR = "LLM simulator"
+
+
+def mongo_wire_server_argv(port: int, storage: Path) -> list[str]:
+    """Argv of SecantusDB on 127.0.0.1:`port` with its data in `storage`."""
+    return python_module(
+        "secantus", "--host", "127.0.0.1", "--port", str(port), "--storage-path", str(storage)
+    )
+
+
+def simulator_argv(port: int, *args: str) -> list[str]:
+    """Argv of the LLM simulator on 127.0.0.1:`port`; `args` go to its command line."""
+    return python_module("llm_batch.simulator", "--host", "127.0.0.1", "--port", str(port), *args)
+
+
 def start_mongo_wire_server(port: int, storage: Path, log_path: Path) -> ManagedProcess:
     """Start SecantusDB (MongoDB wire protocol over TCP, on WiredTiger) on 127.0.0.1:`port`."""
     storage.mkdir(parents=True, exist_ok=True)
-    proc = start(
-        "mongo-wire server (SecantusDB)",
-        python_module(
-            "secantus", "--host", "127.0.0.1", "--port", str(port), "--storage-path", str(storage)
-        ),
-        log_path,
-    )
+    proc = start(MONGO_WIRE_SERVER, mongo_wire_server_argv(port, storage), log_path)
     proc.wait_for_port("127.0.0.1", port)
     return proc
 
 
 def start_simulator(port: int, log_path: Path, *args: str) -> ManagedProcess:
     """Start the LLM simulator on 127.0.0.1:`port`; extra `args` go to its command line."""
-    proc = start(
-        "LLM simulator",
-        python_module("llm_batch.simulator", "--host", "127.0.0.1", "--port", str(port), *args),
-        log_path,
-    )
+    proc = start(SIMULATOR, simulator_argv(port, *args), log_path)
     proc.wait_for_port("127.0.0.1", port)
     return proc
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """One process as /proc shows it."""
+
+    pid: int
+    ppid: int
+    sid: int
+    zombie: bool
+    cwd: str | None
+    environ: tuple[bytes, ...]
+    """`NAME=value` entries; empty once a process rewrites its title (setproctitle)."""
+
+
+def snapshot() -> list[ProcessInfo]:
+    """Every process this user may inspect."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cwd: str | None = None
+            with contextlib.suppress(OSError):
+                cwd = os.readlink(stat.parent / "cwd")
+            environ = b""
+            with contextlib.suppress(OSError):
+                environ = (stat.parent / "environ").read_bytes()
+            found.append(
+                ProcessInfo(
+                    pid=int(stat.parent.name),
+                    ppid=int(fields[1]),
+                    sid=int(fields[3]),
+                    zombie=fields[0] == "Z",
+                    cwd=cwd,
+                    environ=tuple(environ.split(b"\0")),
+                )
+            )
+    return found
+
+
+def ancestors(pid: int) -> set[int]:
+    """`pid` and every process above it up to init."""
+    chain = {pid}
+    while pid > 1:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+        chain.add(pid)
+    return chain
+
+
+def terminate(pids: Sequence[int], grace_s: float = 10.0) -> None:
+    """SIGTERM each process, then SIGKILL whichever still runs after `grace_s`."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    remaining = list(pids)
+    while remaining and time.monotonic() < deadline:
+        time.sleep(0.2)
+        remaining = [pid for pid in remaining if process_alive(pid)]
+    for pid in remaining:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def process_alive(pid: int) -> bool:
+    """True if `pid` runs and is not a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return fields[0] != "Z"
+
+
+def exited_children(pid: int) -> list[int]:
+    """Return the children of `pid` that have exited but were not reaped (zombies)."""
+    return [proc.pid for proc in snapshot() if proc.ppid == pid and proc.zombie]
+
+
+def listening_pids(port: int) -> list[int]:
+    """Return the processes listening on TCP `port` (any address), as far as /proc shows them."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == port and fields[3] == "0A":  # 0A: LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return []
+    pids = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            for fd in fd_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in inodes:
+                        pids.add(int(fd_dir.parent.name))
+                        break
+    return sorted(pids)
+
+
+def command_line(pid: int) -> str:
+    """The process's command line, or '' if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()

@@ -1,0 +1,87 @@
+"""The full local stack for end-to-end tests: SecantusDB, the simulator, `airflow standalone`.
+
+One stack per test session, in a temporary work dir on free ports, with the repo's dags and
+plugins and a small pool (`LLM_BATCH_TEST_POOL_SLOTS`, default 8). It always comes down at the
+end, and the session fails if anything it started is still running.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from llm_batch import processes
+from llm_batch.airflow_api import AirflowClient
+from llm_batch.stack import Stack, StackError, StackSettings
+from tests.conftest import Simulator
+
+DEFAULT_TEST_POOL_SLOTS = 8
+
+
+@dataclass
+class AirflowStack:
+    """What a test needs to reach the running stack."""
+
+    stack: Stack
+    simulator: Simulator
+    """The stack's simulator: `stats()`, `configure(**settings)`, `reset()`."""
+    pool_slots: int
+    mongo_uri: str = field(init=False)
+    mongo_db_name: str = field(init=False)
+    simulator_url: str = field(init=False)
+    simulator_api_key: str = field(init=False, repr=False)
+    airflow_url: str = field(init=False)
+    airflow_api: AirflowClient = field(init=False)
+    work_dir: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.mongo_uri = self.stack.mongo_uri
+        self.mongo_db_name = self.stack.mongo_db_name
+        self.simulator_url = self.simulator.url
+        self.simulator_api_key = self.simulator.api_key
+        self.airflow_url = self.stack.airflow_url
+        self.airflow_api = self.stack.airflow_api
+        self.work_dir = self.stack.work_dir
+
+    @property
+    def cli_env(self) -> dict[str, str]:
+        """Environment that points the `llm-batch` CLI at this stack (overrides a developer's)."""
+        return {
+            "LLM_BATCH_HOME": str(self.work_dir),
+            "LLM_BATCH_AIRFLOW_URL": self.airflow_url,
+            "LLM_BATCH_AIRFLOW_USERNAME": self.stack.airflow_username,
+            "LLM_BATCH_AIRFLOW_PASSWORD": self.stack.airflow_password or "",
+            "LLM_BATCH_MONGO_URI": self.mongo_uri,
+        }
+
+
+def configured_pool_slots() -> int:
+    raw = os.environ.get("LLM_BATCH_TEST_POOL_SLOTS", str(DEFAULT_TEST_POOL_SLOTS))
+    return int(raw)
+
+
+@pytest.fixture(scope="session")
+def airflow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowStack]:
+    """A running stack; a failed start fails the tests that use it, with Airflow's log tail."""
+    slots = configured_pool_slots()
+    work_dir = tmp_path_factory.mktemp("stack")
+    stack = Stack(
+        StackSettings.on_free_ports(work_dir, pool_slots=slots, simulator_config={"latency_ms": 50})
+    )
+    try:
+        try:
+            stack.up()
+        except (StackError, RuntimeError, TimeoutError) as exc:
+            pytest.fail(f"The local stack did not start: {exc}", pytrace=False)
+        simulator_process = stack.process("simulator")
+        assert simulator_process is not None
+        simulator = Simulator(stack.llm_url, stack.llm_api_key, simulator_process)
+        yield AirflowStack(stack, simulator, slots)
+    finally:
+        stack.down()
+    leftovers = [proc.pid for proc in processes.snapshot() if proc.cwd == str(work_dir)]
+    assert not leftovers, f"stack processes still running after down: {leftovers}"

@@ -93,9 +93,6 @@ class AirflowClient:
         """Return `/monitor/health`: metadata DB, scheduler, triggerer and DAG processor status."""
         return dict(self._call("GET", "/monitor/health", auth=False))
 
-    def version(self) -> dict[str, Any]:
-        return dict(self._call("GET", "/version"))
-
     # DAGs and runs
 
     def get_dag(self, dag_id: str) -> dict[str, Any]:

@@ -77,6 +77,13 @@ JOB_PARAMS = {
         title="LLM parameters",
         description='Passed to the service with every request, e.g. {"temperature": 0}.',
     ),
+    "use_cache": Param(
+        True,
+        type="boolean",
+        title="Use cached answers",
+        description="Answer a task from a stored answer to the same input, instructions, model "
+        "and parameters (spends nothing). Turn off to ask the LLM again.",
+    ),
 }
 
 
@@ -119,11 +126,12 @@ def llm_batch_job() -> None:
         max_retry_delay=timedelta(minutes=2),
         map_index_template="{{ batch_label }}",
     )
-    def process_batch(job: dict[str, Any], batch_no: int, ti: Any) -> dict[str, Any]:
+    def process_batch(job: dict[str, Any], batch_no: int, ti: Any) -> None:
         from llm_batch.tasks import run_batch
 
         get_current_context()["batch_label"] = f"batch {batch_no}"  # type: ignore[typeddict-unknown-key]
-        return run_batch(job["job_id"], batch_no, try_number=ti.try_number)
+        # Nothing returned: a per-batch XCom costs a metadata-DB write x 500 and nobody reads it.
+        run_batch(job["job_id"], batch_no, try_number=ti.try_number)
 
     @task(trigger_rule=TriggerRule.ALL_DONE, retries=3)
     def reconcile_job(ti: Any) -> dict[str, Any]:
@@ -131,17 +139,18 @@ def llm_batch_job() -> None:
 
         return reconcile(ti.xcom_pull(task_ids="create_job"))
 
-    @task(retries=0)
-    def report(summary: dict[str, Any]) -> None:
+    # all_done: a leaf decides the run's state, so this task must run (and fail) even when
+    # create_job refused the request and everything after it was skipped.
+    @task(trigger_rule=TriggerRule.ALL_DONE, retries=0)
+    def report(ti: Any) -> None:
         from llm_batch.tasks import report
 
-        report(summary)
+        report(ti.xcom_pull(task_ids="reconcile_job"), ti.xcom_pull(task_ids="create_job"))
 
     job = create_job()
     batches = process_batch.partial(job=job).expand(batch_no=plan_batches(job))
     summary = reconcile_job()
-    batches >> summary
-    report(summary)
+    batches >> summary >> report()
 
 
 llm_batch_job()

@@ -7,6 +7,7 @@ imported here, when a task runs, not when the scheduler parses the file.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -16,8 +17,10 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from llm_batch import config
 from llm_batch.batching import split_into_batches
+from llm_batch.cache import ResponseCache
 from llm_batch.jobs import start_job
 from llm_batch.processing import BatchReport, JobAborted, process_batch
+from llm_batch.ratelimit import mongo_rate_limiter
 from llm_batch.reconcile import reconcile_job
 from llm_batch.selection import InvalidJobRequest
 from llm_batch.store import JobStore
@@ -46,6 +49,7 @@ def create_job(
     try:
         with open_store() as store:
             store.ensure_indexes()
+            response_cache(store).ensure_indexes()
             start = start_job(store, params, dag_id=dag_id, run_id=run_id, source=run_type)
     except InvalidJobRequest as exc:
         message = f"job request refused, nothing was sent: {exc}"
@@ -67,20 +71,37 @@ def plan_batches(job: Mapping[str, Any]) -> list[int]:
     return pending
 
 
+def response_cache(store: JobStore) -> ResponseCache:
+    """Return the response cache in the store's database, aged by `LLM_BATCH_CACHE_MAX_AGE_S`."""
+    max_age_s = float(os.environ.get(config.CACHE_MAX_AGE_ENV, config.CACHE_MAX_AGE_S))
+    return ResponseCache(store.db[config.LLM_CACHE], max_age_s=max_age_s)
+
+
 def run_batch(job_id: str, batch_no: int, *, try_number: int) -> dict[str, Any]:
-    """Process one batch through the `llm_default` connection."""
+    """Process one batch through the `llm_default` connection, paced with all other workers."""
     from llm_hook import LLMHook
 
-    client = LLMHook(llm_conn_id=config.LLM_CONN_ID).get_conn()
     try:
         with open_store() as store:
-            report: BatchReport = process_batch(
-                store, client, job_id, batch_no, try_number=try_number
+            # The connection is read afresh by every task instance: an endpoint added to it
+            # serves the next batch. The limiter shares budgets and health through MongoDB.
+            client = LLMHook(llm_conn_id=config.LLM_CONN_ID).get_conn(
+                rate_limiter=mongo_rate_limiter(store.db)
             )
+            cache = response_cache(store)
+            try:
+                report: BatchReport = process_batch(
+                    store,
+                    client,
+                    job_id,
+                    batch_no,
+                    try_number=try_number,
+                    cache=cache if cache.max_age_s > 0 else None,
+                )
+            finally:
+                client.close()
     except JobAborted as exc:
         raise AirflowFailException(str(exc)) from exc
-    finally:
-        client.close()
     return report.to_dict()
 
 
@@ -94,8 +115,15 @@ def reconcile(job: Mapping[str, Any] | None) -> dict[str, Any]:
     return summary.to_dict()
 
 
-def report(summary: Mapping[str, Any]) -> None:
+def report(summary: Mapping[str, Any] | None, job: Mapping[str, Any] | None) -> None:
     """Fail the run, with the reasons, unless every task succeeded; the job keeps its results."""
+    if summary is None:
+        why = (
+            "create_job refused the request (its log says what to fix)"
+            if job is None
+            else f"reconcile_job did not finish for job {job['job_id']}"
+        )
+        raise AirflowFailException(f"no job summary: {why}")
     if summary["state"] == "succeeded":
         log.info("job_id=%s succeeded: %s", summary["job_id"], summary["counts"])
         return

@@ -198,6 +198,7 @@ def test_bad_input_fails_create_job_with_the_reason_and_sends_nothing(
     }
     assert states["create_job"] == "failed"
     assert states["reconcile_job"] == "skipped"
+    assert states["report"] == "failed"
 
 
 def test_the_cli_refuses_bad_input_before_triggering_and_runs_a_good_job(

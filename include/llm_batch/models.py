@@ -66,6 +66,8 @@ class JobRequest:
     job_id: str | None = None
     llm_params: dict[str, Any] = field(default_factory=dict)
     """Passed to the service as `params` (e.g. temperature)."""
+    use_cache: bool = True
+    """Answer tasks from stored answers to identical questions; false: ask the service."""
 
     def to_document(self) -> dict[str, Any]:
         """Return the request as stored in `jobs.params`."""
@@ -76,4 +78,5 @@ class JobRequest:
             "instructions": self.instructions,
             "model": self.model,
             "llm_params": self.llm_params,
+            "use_cache": self.use_cache,
         }

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from llm_batch.batching import idempotency_base, result_id
+from llm_batch.cache import CachedAnswer, ResponseCache, answer_scope, cached_result_document
 from llm_batch.models import ErrorType, ResultStatus
 from llm_batch.store import Document, JobStore
 from llm_hook.types import CallRecord, LLMTask, OutcomeStatus, TaskOutcome
@@ -53,6 +54,8 @@ class BatchReport:
     sent: int
     succeeded: int
     failed: int
+    cached: int = 0
+    """Tasks answered from the response cache (counted in `succeeded`, not in `sent`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,8 +73,12 @@ def process_batch(
     *,
     try_number: int = 1,
     now: Callable[[], datetime] = utcnow,
+    cache: ResponseCache | None = None,
 ) -> BatchReport:
     """Send the batch's tasks that have no result yet and store the outcomes.
+
+    With a `cache` (and the job's `use_cache` on), tasks whose question has a stored answer
+    are answered from it and not sent; fresh successes are stored for next time.
 
     Raises `BatchIncomplete` when some tasks are still unanswered after the client's own
     bounded retries (the orchestrator retries the batch later), and `JobAborted` when the
@@ -113,6 +120,13 @@ def process_batch(
     vanished = [task_id for task_id in todo if task_id not in payloads]
     present = [task_id for task_id in todo if task_id in payloads]
     by_wire_id = {str(task_id): task_id for task_id in present}
+    scope = answer_scope(completer, work.model) if work.use_cache else None
+    hits: dict[Any, CachedAnswer] = {}
+    if cache is not None and scope is not None:
+        hits = cache.lookup(
+            scope, work.instructions, work.llm_params, {t: payloads[t] for t in present}
+        )
+        present = [task_id for task_id in present if task_id not in hits]
 
     def record_call(call: CallRecord) -> None:
         document = call_document(job_id, batch_no, try_number, call)
@@ -142,7 +156,19 @@ def process_batch(
         if o.status in (OutcomeStatus.SUCCEEDED, OutcomeStatus.FAILED)
     ]
     results += [missing_task_result(job_id, batch_no, task_id, finished_at) for task_id in vanished]
+    results += [cached_result_document(job_id, batch_no, t, hits[t], finished_at) for t in hits]
     store.save_results(results)
+    if cache is not None and scope is not None:
+        cache.store(
+            scope,
+            work.instructions,
+            work.llm_params,
+            (
+                (payloads[by_wire_id[o.task_id]], CachedAnswer(o.output, o.confidence, o.model))
+                for o in outcomes
+                if o.status is OutcomeStatus.SUCCEEDED
+            ),
+        )
 
     statuses = Counter(o.status for o in outcomes)
     report = BatchReport(
@@ -151,15 +177,18 @@ def process_batch(
         len(work.task_ids),
         len(done),
         len(present),
-        statuses[OutcomeStatus.SUCCEEDED],
+        statuses[OutcomeStatus.SUCCEEDED] + len(hits),
         statuses[OutcomeStatus.FAILED] + len(vanished),
+        len(hits),
     )
     log.info(
-        "job_id=%s batch_no=%d try=%d sent=%d succeeded=%d failed=%d retryable=%d aborted=%d",
+        "job_id=%s batch_no=%d try=%d sent=%d cached=%d succeeded=%d failed=%d retryable=%d "
+        "aborted=%d",
         job_id,
         batch_no,
         try_number,
         report.sent,
+        report.cached,
         report.succeeded,
         report.failed,
         statuses[OutcomeStatus.RETRYABLE],

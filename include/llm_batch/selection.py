@@ -34,7 +34,9 @@ MAX_FILTER_DEPTH = 12
 MAX_FILTER_CHARS = 16_384
 MAX_TASK_ID_CHARS = 256
 MAX_INSTRUCTIONS_CHARS = 32_768
-REQUEST_KEYS = ("task_ids", "filter", "limit", "instructions", "model", "job_id", "llm_params")
+REQUEST_KEYS = (
+    "task_ids", "filter", "limit", "instructions", "model", "job_id", "llm_params", "use_cache"
+)  # fmt: skip
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
@@ -96,6 +98,11 @@ def parse_job_request(conf: Mapping[str, Any]) -> JobRequest:
     if not isinstance(llm_params, dict):
         problems.append('llm_params must be a JSON object, e.g. {"temperature": 0}')
         llm_params = {}
+    use_cache = conf.get("use_cache")
+    if use_cache is None:
+        use_cache = True
+    elif not isinstance(use_cache, bool):
+        problems.append(f"use_cache must be true or false, not {use_cache!r}")
 
     if problems or limit is None:
         raise InvalidJobRequest(problems)
@@ -107,6 +114,7 @@ def parse_job_request(conf: Mapping[str, Any]) -> JobRequest:
         model=model,
         job_id=job_id,
         llm_params=dict(llm_params),
+        use_cache=bool(use_cache),
     )
 
 

@@ -39,6 +39,8 @@ class BatchWork:
     model: str | None
     llm_params: dict[str, Any]
     abort: Document | None
+    use_cache: bool = True
+    """Whether stored answers may answer this job's tasks (job param `use_cache`)."""
 
 
 class JobStore:
@@ -137,6 +139,7 @@ class JobStore:
             model=params.get("model"),
             llm_params=dict(params.get("llm_params") or {}),
             abort=job.get("abort"),
+            use_cache=params.get("use_cache", True) is not False,
         )
 
     # tasks

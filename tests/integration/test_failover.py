@@ -123,36 +123,39 @@ def test_a_job_survives_one_of_two_endpoints_dying_midway_and_moves_to_the_live_
     for result in store.results.find({"job_id": start.job_id}):
         assert result["output"] == expected_output(payloads[result["task_id"]], model="sim-small")
 
-    # The audit trail shows the failover: both served, the dead one failed, then rests.
+    # The audit trail shows the failover: both served, the dead one failed, then rested.
     calls = sorted(store.llm_calls.find({"job_id": start.job_id}), key=lambda c: c["at"])
     on_live = [c for c in calls if c["endpoint"].startswith(live.url)]
     on_doomed = [c for c in calls if c["endpoint"].startswith(doomed.url)]
-    assert on_live and on_doomed
+    assert any(c["error_type"] is None for c in on_live)
     assert any(c["error_type"] is None for c in on_doomed)
-    doomed_errors = [c for c in on_doomed if c["error_type"] is not None]
-    assert doomed_errors, "no call noticed the stopped endpoint"
-    first_error = doomed_errors[0]["at"]
-    after_first_error = [c for c in on_doomed if c["at"] > first_error]
-    assert all(c["error_type"] is not None for c in after_first_error)
-    # After the first failure only probes reach it, spaced by doubling rests.
-    assert len(after_first_error) <= 10, [c["error_type"] for c in after_first_error]
     stopped_at = stopped["stopped_at"].replace(tzinfo=None)
-    assert not any(c["error_type"] is None and c["at"] > stopped_at for c in on_doomed), (
-        "a call to the stopped endpoint succeeded"
-    )
-    last_calls = calls[-20:]
-    assert all(c["endpoint"].startswith(live.url) for c in last_calls)
+    after_stop = [c for c in calls if c["at"] > stopped_at]
+    snapshot_at = stopped["snapshot_at"].replace(tzinfo=None)
+    noticed = [c for c in on_doomed if c["error_type"] is not None and c["at"] >= snapshot_at]
+    assert noticed, "no call noticed the stopped endpoint"
+    doomed_after = [c for c in after_stop if c in on_doomed]
+    assert all(c["error_type"] is not None for c in doomed_after)
+    # Workers with a request in flight find out once; then only probes reach it, spaced
+    # by doubling rests, while the rest of the job goes to the live endpoint.
+    assert len(doomed_after) <= WORKERS + 6, [c["error_type"] for c in doomed_after]
+    live_after = [c for c in after_stop if c in on_live and c["error_type"] is None]
+    assert sum(len(c["task_ids"]) for c in live_after) >= 1000
     assert mongo_rate_limiter(mongo_db).state(doomed.url).state is EndpointState.UNREACHABLE
 
     # Nothing billed twice beyond 5%. The stopped service's final count is its snapshot plus,
     # at most, every task of its calls still in flight at or sent after the snapshot.
-    snapshot_at = stopped["snapshot_at"].replace(tzinfo=None)
     in_flight_after = sum(
         len(c["task_ids"])
         for c in on_doomed
         if c["at"] + timedelta(milliseconds=c["latency_ms"] + 50) >= snapshot_at
     )
     billed = live.stats()["tasks_billed"] + stopped["stats"]["tasks_billed"] + in_flight_after
+    print(  # the figures behind the assertions, for the record
+        f"calls live={len(on_live)} doomed={len(on_doomed)} "
+        f"doomed_errors={sum(c['error_type'] is not None for c in on_doomed)} "
+        f"doomed_after_stop={len(doomed_after)} billed<={billed} took={took:.1f}s"
+    )
     assert billed <= 1.05 * 2000, (billed, in_flight_after)
     assert took < 60
 

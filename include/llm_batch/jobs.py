@@ -56,6 +56,12 @@ def start_job(
             return _resume(store, existing, run_id=run_id, at=at)
 
     task_ids = resolve_selection(store.tasks, request)
+    # A filter may match more than one job takes (the nightly backlog): say what is left.
+    left_over = (
+        store.tasks.count_documents(request.filter) - len(task_ids)
+        if request.filter is not None
+        else 0
+    )
     job_id = request.job_id or new_job_id(dag_id, run_id, at)
     already = store.get_job(job_id)
     if already is not None:
@@ -83,15 +89,18 @@ def start_job(
             "dag_id": dag_id,
             "run_id": run_id,
             "runs": [run_id],
+            "selection_left_over": left_over,
         }
     )
     log.info(
-        "job_id=%s created: tasks=%d batches=%d source=%s run_id=%s",
+        "job_id=%s created: tasks=%d batches=%d source=%s run_id=%s; %d more tasks match the "
+        "selection and are left for a later job",
         job_id,
         len(task_ids),
         batch_count(len(task_ids)),
         source,
         run_id,
+        left_over,
     )
     return JobStart(job_id, len(task_ids), batch_count(len(task_ids)), False)
 

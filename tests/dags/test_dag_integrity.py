@@ -105,3 +105,20 @@ def test_form_params_are_exactly_what_the_job_request_accepts(dag_bag: DagBag) -
         param = params.get_param(name)
         assert param.schema.get("title") and param.description, name
     assert params.get_param("limit").schema["maximum"] == config.MAX_TASKS_PER_JOB
+
+
+def test_operator_jobs_outrank_the_nightly_run_in_the_pool(dag_bag: DagBag) -> None:
+    manual = dag_bag.dags[config.JOB_DAG_ID].get_task("process_batch")
+    nightly = dag_bag.dags["llm_batch_nightly"].get_task("process_batch")
+    assert manual.pool == nightly.pool == config.POOL_NAME
+    assert manual.priority_weight > nightly.priority_weight
+    assert str(manual.weight_rule).endswith("absolute")
+
+
+def test_nightly_runs_at_two_utc_over_the_backlog(dag_bag: DagBag) -> None:
+    nightly = dag_bag.dags["llm_batch_nightly"]
+    assert nightly.schedule == "0 2 * * *"
+    assert nightly.params["filter"] == {"last_result.status": {"$ne": "succeeded"}}
+    assert nightly.params["limit"] == config.MAX_TASKS_PER_JOB
+    manual = dag_bag.dags[config.JOB_DAG_ID]
+    assert [t.task_id for t in nightly.tasks] == [t.task_id for t in manual.tasks]

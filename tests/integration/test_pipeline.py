@@ -334,3 +334,36 @@ def test_ids_are_kept_in_the_order_given_and_objectid_hex_is_understood(store: J
     )
     job = store.get_job(start.job_id, with_task_ids=True)
     assert job is not None and job["task_ids"] == ["b", oid, "a"]
+
+
+def test_the_nightly_backlog_filter_takes_unsucceeded_tasks_and_counts_the_rest(
+    store: JobStore,
+) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "dags" / "llm_batch_nightly.py"
+    spec = importlib.util.spec_from_file_location("nightly", path)
+    assert spec is not None and spec.loader is not None
+    nightly = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nightly)
+
+    ids = seed(store, 30)
+    store.tasks.update_many(
+        {"_id": {"$in": ids[:10]}}, {"$set": {"last_result": {"status": "succeeded"}}}
+    )
+    store.tasks.update_many(
+        {"_id": {"$in": ids[10:12]}}, {"$set": {"last_result": {"status": "failed"}}}
+    )
+    start = start_job(
+        store,
+        {"filter": nightly.BACKLOG_FILTER, "limit": 15},
+        dag_id="llm_batch_nightly",
+        run_id="scheduled__1",
+        source="scheduled",
+    )
+    job = store.get_job(start.job_id, with_task_ids=True)
+    assert job is not None
+    assert job["task_ids"] == ids[10:25]
+    assert job["selection_left_over"] == 5
+    assert job["source"] == "scheduled"

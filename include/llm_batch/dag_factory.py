@@ -37,6 +37,19 @@ def job_params(**defaults: Any) -> dict[str, Param]:
             "Plain query operators only ($where, $function, $expr are refused). "
             "{} selects all tasks, up to the limit.",
         ),
+        "retry_of": Param(
+            None,
+            type=["null", "string"],
+            title="Re-drive job",
+            description="Select the failed tasks of this earlier job (instead of task ids or a "
+            "filter) and send them again in a new job.",
+        ),
+        "include_needs_review": Param(
+            False,
+            type="boolean",
+            title="Re-drive needs-review tasks too",
+            description="With a re-drive job: also select its tasks whose answers need review.",
+        ),
         "limit": Param(
             config.MAX_TASKS_PER_JOB,
             type="integer",
@@ -77,6 +90,32 @@ def job_params(**defaults: Any) -> dict[str, Param]:
             title="Use cached answers",
             description="Answer a task from a stored answer to the same input, instructions, model "
             "and parameters (spends nothing). Turn off to ask the LLM again.",
+        ),
+        "review_below": Param(
+            None,
+            type=["null", "number"],
+            minimum=0,
+            maximum=1,
+            title="Review below confidence",
+            description="Answers whose confidence (0 to 1) is below this end as needs_review "
+            "instead of succeeded. Empty: no review routing.",
+        ),
+        "max_cost_usd": Param(
+            None,
+            type=["null", "number"],
+            minimum=0,
+            title="Budget (USD)",
+            description="Hard budget: once the job has spent this much, nothing more is sent and "
+            "the remaining tasks end cancelled (budget_exhausted).",
+        ),
+        "alert_failure_rate": Param(
+            0.3,
+            type="number",
+            minimum=0,
+            maximum=1,
+            title="Alert above failure rate",
+            description="Alert (log, and the webhook in LLM_BATCH_ALERT_WEBHOOK) when more than "
+            "this share of the job's tasks failed.",
         ),
     }
     for name, value in defaults.items():

@@ -11,7 +11,7 @@ from typing import Any
 
 from llm_batch.batching import batch_count
 from llm_batch.config import BATCH_SIZE
-from llm_batch.models import RESUMABLE_ERROR_TYPES, JobState, ResultStatus
+from llm_batch.models import RESUMABLE_ERROR_TYPES, JobRequest, JobState, ResultStatus
 from llm_batch.processing import utcnow
 from llm_batch.selection import InvalidJobRequest, parse_job_request, resolve_selection
 from llm_batch.store import JobStore
@@ -55,7 +55,11 @@ def start_job(
         if existing is not None:
             return _resume(store, existing, run_id=run_id, at=at)
 
-    task_ids = resolve_selection(store.tasks, request)
+    task_ids = (
+        redrive_selection(store, request)
+        if request.retry_of is not None
+        else resolve_selection(store.tasks, request)
+    )
     # A filter may match more than one job takes (the nightly backlog): say what is left.
     left_over = (
         store.tasks.count_documents(request.filter) - len(task_ids)
@@ -85,6 +89,8 @@ def start_job(
             "cost_usd": 0.0,
             "requests": 0,
             "abort": None,
+            "cancel": None,
+            "spent_usd": 0.0,
             "timings": {"created_at": at, "started_at": at, "finished_at": None},
             "dag_id": dag_id,
             "run_id": run_id,
@@ -103,6 +109,31 @@ def start_job(
         left_over,
     )
     return JobStart(job_id, len(task_ids), batch_count(len(task_ids)), False)
+
+
+def redrive_selection(store: JobStore, request: JobRequest) -> list[Any]:
+    """Return the failed (and, if asked, needs-review) tasks of `request.retry_of`, in its order."""
+    assert request.retry_of is not None
+    earlier = store.get_job(request.retry_of, with_task_ids=True)
+    if earlier is None:
+        raise InvalidJobRequest(
+            [f"retry_of: there is no job {request.retry_of!r}; check the id (llm-batch history)"]
+        )
+    statuses = [ResultStatus.FAILED.value]
+    if request.include_needs_review:
+        statuses.append(ResultStatus.NEEDS_REVIEW.value)
+    chosen = {
+        doc["task_id"]
+        for doc in store.results.find(
+            {"job_id": request.retry_of, "status": {"$in": statuses}}, {"task_id": 1}
+        )
+    }
+    task_ids = [t for t in earlier["task_ids"] if t in chosen][: request.limit]
+    if not task_ids:
+        raise InvalidJobRequest(
+            [f"job {request.retry_of} has no {' or '.join(statuses)} tasks to re-drive"]
+        )
+    return task_ids
 
 
 def _resume(store: JobStore, job: dict[str, Any], *, run_id: str, at: datetime) -> JobStart:

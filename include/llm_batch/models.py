@@ -46,9 +46,20 @@ class ErrorType(str, Enum):
     """The job stopped early (e.g. the service refused the API key) before this task was sent."""
     TASK_MISSING = "task_missing"
     """The source task document disappeared between job creation and its batch."""
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    """The job's `max_cost_usd` was spent before this task was sent."""
+    CANCELLED = "cancelled"
+    """An operator cancelled the job before this task was sent."""
 
 
-RESUMABLE_ERROR_TYPES = frozenset({ErrorType.NOT_PROCESSED.value, ErrorType.JOB_ABORTED.value})
+RESUMABLE_ERROR_TYPES = frozenset(
+    {
+        ErrorType.NOT_PROCESSED.value,
+        ErrorType.JOB_ABORTED.value,
+        ErrorType.BUDGET_EXHAUSTED.value,
+        ErrorType.CANCELLED.value,
+    }
+)
 """Results with these error types mean "never answered": resuming the job sends them again."""
 
 
@@ -68,6 +79,16 @@ class JobRequest:
     """Passed to the service as `params` (e.g. temperature)."""
     use_cache: bool = True
     """Answer tasks from stored answers to identical questions; false: ask the service."""
+    retry_of: str | None = None
+    """Re-drive: select the failed tasks of this earlier job."""
+    include_needs_review: bool = False
+    """With `retry_of`: also select that job's needs-review tasks."""
+    review_below: float | None = None
+    """Answers with a confidence below this end as `needs_review`, not `succeeded`."""
+    max_cost_usd: float | None = None
+    """Hard budget: once spent, nothing more is sent and the rest end `cancelled`."""
+    alert_failure_rate: float = 0.30
+    """Alert when more than this share of the job's tasks failed."""
 
     def to_document(self) -> dict[str, Any]:
         """Return the request as stored in `jobs.params`."""
@@ -79,4 +100,9 @@ class JobRequest:
             "model": self.model,
             "llm_params": self.llm_params,
             "use_cache": self.use_cache,
+            "retry_of": self.retry_of,
+            "include_needs_review": self.include_needs_review,
+            "review_below": self.review_below,
+            "max_cost_usd": self.max_cost_usd,
+            "alert_failure_rate": self.alert_failure_rate,
         }

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from llm_batch.batching import idempotency_base, result_id
 from llm_batch.cache import CachedAnswer, ResponseCache, answer_scope, cached_result_document
 from llm_batch.models import ErrorType, ResultStatus
-from llm_batch.store import Document, JobStore
+from llm_batch.store import BatchWork, Document, JobStore
 from llm_hook.types import CallRecord, LLMTask, OutcomeStatus, TaskOutcome
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,14 @@ def process_batch(
         store.mark_batch(job_id, batch_no, {"state": "skipped", "updated_at": now()})
         raise JobAborted(f"job {job_id} was stopped: {work.abort.get('message')}")
 
+    stop_reason = _why_not_send(work)
+    if stop_reason is not None:
+        log.warning("job_id=%s batch_no=%d not sent: %s", job_id, batch_no, stop_reason)
+        store.mark_batch(
+            job_id, batch_no, _ended("skipped", stop_reason, f"not sent: {stop_reason}", now())
+        )
+        return BatchReport(job_id, batch_no, len(work.task_ids), 0, 0, 0, 0)
+
     done = store.finished_task_ids(job_id, work.task_ids)
     todo = [task_id for task_id in work.task_ids if task_id not in done]
     report = BatchReport(job_id, batch_no, len(work.task_ids), len(done), 0, 0, 0)
@@ -130,11 +138,13 @@ def process_batch(
 
     def record_call(call: CallRecord) -> None:
         document = call_document(job_id, batch_no, try_number, call)
-        if call.replayed and store.billed_before(call.idempotency_key):
-            # The service billed this answer once; an earlier record already counts it.
+        if document["billed"] and not store.claim_billing(call.idempotency_key):
+            # The service bills an idempotency key once; another record (the first answer,
+            # or a replay that arrived first) already counts this usage.
             document.update(usage={"input_tokens": 0, "output_tokens": 0}, cost_usd=0.0)
             document["billed"] = False
         store.record_call(document)
+        store.add_spend(job_id, document["cost_usd"])
 
     outcomes = (
         completer.complete(
@@ -151,7 +161,9 @@ def process_batch(
 
     finished_at = now()
     results = [
-        result_document(job_id, batch_no, by_wire_id[o.task_id], o, finished_at)
+        result_document(
+            job_id, batch_no, by_wire_id[o.task_id], o, finished_at, review_below=work.review_below
+        )
         for o in outcomes
         if o.status in (OutcomeStatus.SUCCEEDED, OutcomeStatus.FAILED)
     ]
@@ -230,17 +242,39 @@ def _ended(state: str, error_type: str | None, message: str | None, at: datetime
     return {"state": state, "last_error": error, "finished_at": at, "updated_at": at}
 
 
+def _why_not_send(work: BatchWork) -> str | None:
+    """Return why this batch must not send anything (cancel, spent budget), or None."""
+    if work.cancel:
+        return ErrorType.CANCELLED.value
+    if work.budget_spent:
+        return ErrorType.BUDGET_EXHAUSTED.value
+    return None
+
+
 def result_document(
-    job_id: str, batch_no: int, task_id: Any, outcome: TaskOutcome, at: datetime
+    job_id: str,
+    batch_no: int,
+    task_id: Any,
+    outcome: TaskOutcome,
+    at: datetime,
+    *,
+    review_below: float | None = None,
 ) -> Document:
-    """Return the `results` document for a task the service answered."""
+    """Return the `results` document for a task the service answered.
+
+    An answer whose confidence is below `review_below` is kept but routed to review.
+    """
     succeeded = outcome.status is OutcomeStatus.SUCCEEDED
     error = None if succeeded else {"type": outcome.error_type, "message": outcome.error_message}
+    status = ResultStatus.SUCCEEDED if succeeded else ResultStatus.FAILED
+    doubtful = outcome.confidence is not None and outcome.confidence < (review_below or 0.0)
+    if succeeded and doubtful:
+        status = ResultStatus.NEEDS_REVIEW
     return {
         "_id": result_id(job_id, task_id),
         "job_id": job_id,
         "task_id": task_id,
-        "status": (ResultStatus.SUCCEEDED if succeeded else ResultStatus.FAILED).value,
+        "status": status.value,
         "output": outcome.output if succeeded else None,
         "confidence": outcome.confidence,
         "error": error,

@@ -79,11 +79,9 @@ def reconcile_job(
         placeholders = []
         for position, task_id in unanswered:
             batch_no = position // BATCH_SIZE
-            error_type, message = _why_unanswered(job_id, batch_no, abort, errors.get(batch_no))
+            status, error_type, message = _why_unanswered(job, batch_no, errors.get(batch_no))
             placeholders.append(
-                placeholder_result(
-                    job_id, batch_no, task_id, ResultStatus.FAILED, error_type, message, at
-                )
+                placeholder_result(job_id, batch_no, task_id, status, error_type, message, at)
             )
         store.save_results(placeholders)
         log.warning("job_id=%s: %d tasks had no answer; marked failed", job_id, len(unanswered))
@@ -96,7 +94,7 @@ def reconcile_job(
     for result in results:
         counts[result["status"]] = counts.get(result["status"], 0) + 1
     totals = store.call_totals(job_id)
-    state = _final_state(counts, aborted=bool(abort))
+    state = JobState.CANCELLED if job.get("cancel") else _final_state(counts, aborted=bool(abort))
 
     finished_at = now()
     timings = job.get("timings") or {}
@@ -138,12 +136,30 @@ def reconcile_job(
 
 
 def _why_unanswered(
-    job_id: str, batch_no: int, abort: dict[str, Any] | None, batch_error: dict[str, Any] | None
-) -> tuple[str, str]:
+    job: Mapping[str, Any], batch_no: int, batch_error: Mapping[str, Any] | None
+) -> tuple[ResultStatus, str, str]:
+    """Return the status, error type and message of a task the service never answered."""
+    job_id = job["_id"]
+    abort, cancel = job.get("abort"), job.get("cancel")
+    budget = (job.get("params") or {}).get("max_cost_usd")
     if abort:
-        return ErrorType.JOB_ABORTED.value, f"not sent: {abort.get('message')}"
+        return ResultStatus.FAILED, ErrorType.JOB_ABORTED.value, f"not sent: {abort.get('message')}"
+    if cancel:
+        return (
+            ResultStatus.CANCELLED,
+            ErrorType.CANCELLED.value,
+            f"not sent: the job was cancelled by {cancel.get('by', 'an operator')}",
+        )
+    if budget is not None and float(job.get("spent_usd") or 0.0) >= budget:
+        return (
+            ResultStatus.CANCELLED,
+            ErrorType.BUDGET_EXHAUSTED.value,
+            f"not sent: the job's budget of ${budget:g} was spent; raise max_cost_usd and "
+            f"resume (job_id={job_id}) to send these tasks",
+        )
     reason = batch_error.get("message") if batch_error else "the batch task did not finish"
     return (
+        ResultStatus.FAILED,
         ErrorType.NOT_PROCESSED.value,
         f"batch {batch_no} gave up: {reason}. Resume the job (trigger it again with "
         f"job_id={job_id}) to send these tasks again",

@@ -19,6 +19,8 @@ from pymongo.errors import OperationFailure
 from llm_batch.config import LOOKUP_CHUNK, MAX_TASKS_PER_JOB
 from llm_batch.models import JobRequest
 
+DEFAULT_ALERT_FAILURE_RATE = 0.30
+
 ALLOWED_QUERY_OPERATORS = frozenset(
     {
         "$and", "$or", "$nor", "$not",
@@ -35,7 +37,8 @@ MAX_FILTER_CHARS = 16_384
 MAX_TASK_ID_CHARS = 256
 MAX_INSTRUCTIONS_CHARS = 32_768
 REQUEST_KEYS = (
-    "task_ids", "filter", "limit", "instructions", "model", "job_id", "llm_params", "use_cache"
+    "task_ids", "filter", "retry_of", "include_needs_review", "limit", "instructions", "model",
+    "job_id", "llm_params", "use_cache", "review_below", "max_cost_usd", "alert_failure_rate",
 )  # fmt: skip
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -63,15 +66,20 @@ def parse_job_request(conf: Mapping[str, Any]) -> JobRequest:
     limit = _parse_limit(conf.get("limit", MAX_TASKS_PER_JOB), problems)
     task_ids = _parse_task_ids(conf.get("task_ids"), problems)
     query = _parse_filter(conf.get("filter"), problems)
-    if task_ids and query is not None:
+    retry_of = _optional_text(conf.get("retry_of"), "retry_of", problems)
+    if retry_of is not None and not _JOB_ID.match(retry_of):
+        problems.append(f"retry_of {retry_of!r} is not a job id")
+    selections = sum([bool(task_ids), query is not None, retry_of is not None])
+    if selections > 1:
         problems.append(
-            "give either task_ids or filter, not both: clear one of them ({} as the filter selects "
-            "all tasks)"
+            "give one of task_ids, filter or retry_of, not several: clear the others ({} as the "
+            "filter selects all tasks)"
         )
-    elif not task_ids and query is None and not problems:
+    elif selections == 0 and not problems:
         problems.append(
-            "no tasks selected: give task_ids (a list of task document _ids) or a filter "
-            "(a MongoDB query over tasks; {} selects all tasks, up to limit)"
+            "no tasks selected: give task_ids (a list of task document _ids), a filter "
+            "(a MongoDB query over tasks; {} selects all tasks, up to limit) or retry_of "
+            "(an earlier job whose failed tasks to send again)"
         )
     if task_ids and limit is not None and len(task_ids) > limit:
         problems.append(
@@ -104,17 +112,31 @@ def parse_job_request(conf: Mapping[str, Any]) -> JobRequest:
     elif not isinstance(use_cache, bool):
         problems.append(f"use_cache must be true or false, not {use_cache!r}")
 
+    review_below = _optional_number(conf.get("review_below"), "review_below", problems, upper=1.0)
+    max_cost_usd = _optional_number(conf.get("max_cost_usd"), "max_cost_usd", problems)
+    alert_rate = _optional_number(
+        conf.get("alert_failure_rate"), "alert_failure_rate", problems, upper=1.0
+    )
+    include_review = conf.get("include_needs_review") or False
+    if not isinstance(include_review, bool):
+        problems.append(f"include_needs_review must be true or false, not {include_review!r}")
+
     if problems or limit is None:
         raise InvalidJobRequest(problems)
     return JobRequest(
         task_ids=tuple(task_ids) if task_ids else None,
-        filter=query if not task_ids else None,
+        filter=query if not task_ids and retry_of is None else None,
         limit=limit,
         instructions=instructions,
         model=model,
         job_id=job_id,
         llm_params=dict(llm_params),
         use_cache=bool(use_cache),
+        retry_of=retry_of,
+        include_needs_review=bool(include_review),
+        review_below=review_below,
+        max_cost_usd=max_cost_usd,
+        alert_failure_rate=DEFAULT_ALERT_FAILURE_RATE if alert_rate is None else alert_rate,
     )
 
 
@@ -213,6 +235,22 @@ def _unsafe_operators(node: Any, depth: int) -> Iterator[str]:
     elif isinstance(node, list):
         for child in node:
             yield from _unsafe_operators(child, depth + 1)
+
+
+def _optional_number(
+    value: Any, name: str, problems: list[str], *, upper: float | None = None
+) -> float | None:
+    """Return a number in [0, upper] (no upper bound when None), or None when not given."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        problems.append(f"{name} must be a number, not {value!r}")
+        return None
+    if value < 0 or (upper is not None and value > upper):
+        bound = f"from 0 to {upper:g}" if upper is not None else "of 0 or more"
+        problems.append(f"{name} {value:g} is out of range: give a number {bound}")
+        return None
+    return float(value)
 
 
 def _optional_text(value: Any, name: str, problems: list[str]) -> str | None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument, UpdateOne
 from pymongo.database import Database
-from pymongo.errors import BulkWriteError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from llm_batch import config
 from llm_batch.batching import batch_bounds, batch_id, result_id
@@ -41,6 +41,16 @@ class BatchWork:
     abort: Document | None
     use_cache: bool = True
     """Whether stored answers may answer this job's tasks (job param `use_cache`)."""
+    cancel: Document | None = None
+    """Set when an operator cancelled the job: send nothing more."""
+    review_below: float | None = None
+    max_cost_usd: float | None = None
+    spent_usd: float = 0.0
+    """Cost of the job's billed requests so far (kept on the job document as they happen)."""
+
+    @property
+    def budget_spent(self) -> bool:
+        return self.max_cost_usd is not None and self.spent_usd >= self.max_cost_usd
 
 
 class JobStore:
@@ -53,6 +63,7 @@ class JobStore:
         self.batches = db[config.BATCHES]
         self.results = db[config.RESULTS]
         self.llm_calls = db[config.LLM_CALLS]
+        self.billed_keys = db[config.BILLED_KEYS]
 
     def ensure_indexes(self) -> None:
         """Create the indexes the pipeline and analysts' queries need (idempotent)."""
@@ -110,6 +121,7 @@ class JobStore:
                 "$set": {
                     "state": JobState.RUNNING.value,
                     "abort": None,
+                    "cancel": None,
                     "run_id": run_id,
                     "timings.started_at": at,
                     "timings.finished_at": None,
@@ -126,6 +138,8 @@ class JobStore:
                 "task_ids": {"$slice": [start, config.BATCH_SIZE]},
                 "params": 1,
                 "abort": 1,
+                "cancel": 1,
+                "spent_usd": 1,
             },
         )
         if job is None:
@@ -140,7 +154,25 @@ class JobStore:
             llm_params=dict(params.get("llm_params") or {}),
             abort=job.get("abort"),
             use_cache=params.get("use_cache", True) is not False,
+            cancel=job.get("cancel"),
+            review_below=params.get("review_below"),
+            max_cost_usd=params.get("max_cost_usd"),
+            spent_usd=float(job.get("spent_usd") or 0.0),
         )
+
+    def add_spend(self, job_id: str, cost_usd: float) -> None:
+        """Add a billed request's cost to the job's running total (atomic across workers)."""
+        if cost_usd:
+            self.jobs.update_one({"_id": job_id}, {"$inc": {"spent_usd": cost_usd}})
+
+    def request_cancel(self, job_id: str, at: datetime, by: str) -> bool:
+        """Ask a job to stop sending; return False if it has already ended or is unknown."""
+        final = [s.value for s in JobState if s.is_final]
+        updated = self.jobs.update_one(
+            {"_id": job_id, "state": {"$nin": final}, "cancel": None},
+            {"$set": {"cancel": {"at": at, "by": by}}},
+        )
+        return updated.modified_count == 1
 
     # tasks
 
@@ -257,14 +289,19 @@ class JobStore:
     def record_call(self, call: Document) -> None:
         self.llm_calls.insert_one(call)
 
-    def billed_before(self, idempotency_key: str | None) -> bool:
-        """Say whether an answer under this idempotency key is already counted in `llm_calls`."""
+    def claim_billing(self, idempotency_key: str | None) -> bool:
+        """Claim the one record that counts an idempotency key's usage; False if taken.
+
+        Atomic across workers: the first insert of the key wins, any later one (a replay, or a
+        racing retry of the same request) gets a duplicate-key error.
+        """
         if idempotency_key is None:
+            return True
+        try:
+            self.billed_keys.insert_one({"_id": idempotency_key})
+        except DuplicateKeyError:
             return False
-        return (
-            self.llm_calls.find_one({"idempotency_key": idempotency_key, "billed": True})
-            is not None
-        )
+        return True
 
     def call_totals(self, job_id: str) -> Document:
         """Sum the job's audit trail: requests, billed usage and cost."""

@@ -16,6 +16,7 @@ from airflow.providers.mongo.hooks.mongo import MongoHook
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from llm_batch import config
+from llm_batch.alerts import DEFAULT_FAILURE_RATE, failure_rate_alert, notify
 from llm_batch.batching import split_into_batches
 from llm_batch.cache import ResponseCache
 from llm_batch.jobs import start_job
@@ -111,7 +112,12 @@ def reconcile(job: Mapping[str, Any] | None) -> dict[str, Any]:
         raise AirflowSkipException("no job was created (see create_job's log for why)")
     with open_store() as store:
         summary = reconcile_job(store, job["job_id"])
+        stored = store.get_job(job["job_id"]) or {}
     log.info("job summary\n%s", summary.render())
+    threshold = (stored.get("params") or {}).get("alert_failure_rate", DEFAULT_FAILURE_RATE)
+    alert = failure_rate_alert(summary.to_dict(), threshold)
+    if alert is not None:
+        notify(alert)
     return summary.to_dict()
 
 

@@ -6,14 +6,12 @@ run the same code under a real scheduler.
 
 from __future__ import annotations
 
-import random
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from pymongo.database import Database
 
 from llm_batch.batching import batch_count
 from llm_batch.jobs import start_job
@@ -22,45 +20,11 @@ from llm_batch.reconcile import reconcile_job
 from llm_batch.selection import InvalidJobRequest
 from llm_batch.simulator import expected_output
 from llm_batch.store import JobStore
-from llm_hook import ClientSettings, LLMClient
+from llm_hook import LLMClient
 from tests.conftest import Simulator
+from tests.integration.conftest import PRICE_IN, PRICE_OUT
 
 pytestmark = pytest.mark.integration
-
-PRICE_IN, PRICE_OUT = 0.5, 1.5  # USD per 1k tokens: large enough to compare sums
-
-
-@pytest.fixture
-def store(mongo_db: Database[Any]) -> JobStore:
-    store = JobStore(mongo_db)
-    store.ensure_indexes()
-    return store
-
-
-@pytest.fixture
-def make_client() -> Iterator[Callable[..., LLMClient]]:
-    clients: list[LLMClient] = []
-
-    def _make(sim: Simulator, api_key: str | None = None, **overrides: Any) -> LLMClient:
-        settings: dict[str, Any] = {
-            "base_url": sim.url,
-            "api_key": api_key or sim.api_key,
-            "timeout_s": 2.0,
-            "connect_timeout_s": 1.0,
-            "backoff_base_s": 0.01,
-            "backoff_max_s": 0.05,
-            "max_retry_after_s": 1.0,
-            "price_input_per_1k": PRICE_IN,
-            "price_output_per_1k": PRICE_OUT,
-        }
-        settings.update(overrides)
-        client = LLMClient(ClientSettings(**settings), rng=random.Random(7))
-        clients.append(client)
-        return client
-
-    yield _make
-    for client in clients:
-        client.close()
 
 
 def seed(store: JobStore, count: int, *, invalid: frozenset[int] = frozenset()) -> list[str]:

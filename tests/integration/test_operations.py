@@ -1,0 +1,184 @@
+"""Operations over real Mongo-wire and HTTP: review routing, budgets, cancel, re-drive,
+estimates and alerts. Airflow's part (running batches) is played by a loop, as in
+test_pipeline.py; the e2e tests run the same code under a scheduler."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from llm_batch.alerts import failure_rate_alert
+from llm_batch.estimate import Prices, estimate_job
+from llm_batch.jobs import start_job
+from llm_batch.processing import process_batch
+from llm_batch.reconcile import reconcile_job
+from llm_batch.store import JobStore
+from llm_hook import LLMClient
+from tests.conftest import Simulator
+from tests.integration.conftest import PRICE_IN, PRICE_OUT
+from tests.integration.test_pipeline import run_job, seed
+
+pytestmark = pytest.mark.integration
+
+
+def new_job(store: JobStore, run_id: str, **conf: Any) -> str:
+    if "task_ids" not in conf and "retry_of" not in conf:
+        conf["filter"] = {}
+    return start_job(store, conf, dag_id="d", run_id=run_id, source="manual").job_id
+
+
+def test_answers_below_the_review_threshold_end_as_needs_review_with_their_output(
+    store: JobStore,
+    start_simulator: Callable[..., Simulator],
+    make_client: Callable[..., LLMClient],
+) -> None:
+    sim = start_simulator(latency_ms=0)
+    seed(store, 60)
+    job_id = new_job(store, "r1", review_below=0.75)
+    run_job(store, make_client(sim), job_id)
+    summary = reconcile_job(store, job_id)
+
+    results = list(store.results.find({"job_id": job_id}))
+    low = [r for r in results if r["confidence"] < 0.75]
+    assert low, "the simulator's confidences span 0.5..1; some must fall below 0.75"
+    assert {r["status"] for r in low} == {"needs_review"}
+    assert all(r["output"] is not None for r in low)
+    assert {r["status"] for r in results if r["confidence"] >= 0.75} == {"succeeded"}
+    assert summary.counts["needs_review"] == len(low)
+    assert summary.state == "succeeded"
+
+
+def test_a_budget_of_half_the_estimate_stops_sending_and_cancels_the_rest(
+    store: JobStore,
+    start_simulator: Callable[..., Simulator],
+    make_client: Callable[..., LLMClient],
+) -> None:
+    sim = start_simulator(latency_ms=0)
+    ids = seed(store, 200)
+    client = make_client(sim)
+    calibration = new_job(store, "calibrate", task_ids=ids[:20])
+    run_job(store, client, calibration)
+    estimate = estimate_job(
+        store, ids[20:], instructions=None, model=None, prices=Prices(PRICE_IN, PRICE_OUT)
+    )
+    budget = estimate.cost_usd / 2
+
+    job_id = new_job(store, "r1", task_ids=ids[20:], max_cost_usd=budget)
+    run_job(store, client, job_id)
+    summary = reconcile_job(store, job_id)
+
+    spent = sum(c["cost_usd"] for c in store.llm_calls.find({"job_id": job_id}))
+    one_batch = estimate.cost_usd / estimate.requests
+    # Sequential batches: at most one batch in flight when the budget is reached.
+    assert budget <= spent <= budget + 1.5 * one_batch
+    cancelled = list(store.results.find({"job_id": job_id, "status": "cancelled"}))
+    assert cancelled and {r["error"]["type"] for r in cancelled} == {"budget_exhausted"}
+    assert summary.counts["succeeded"] + len(cancelled) == 180
+    assert sim.stats()["tasks_billed"] == 20 + summary.counts["succeeded"]
+
+
+def test_the_estimate_is_within_ten_percent_of_the_actual_cost(
+    store: JobStore,
+    start_simulator: Callable[..., Simulator],
+    make_client: Callable[..., LLMClient],
+) -> None:
+    sim = start_simulator(latency_ms=0)
+    ids = seed(store, 220)
+    client = make_client(sim)
+    run_job(store, client, new_job(store, "history", task_ids=ids[:20]))
+    requests_before = sim.stats()["requests_total"]
+
+    estimate = estimate_job(
+        store, ids[20:], instructions=None, model=None, prices=Prices(PRICE_IN, PRICE_OUT)
+    )
+    assert sim.stats()["requests_total"] == requests_before, "estimating must send nothing"
+    job_id = new_job(store, "real", task_ids=ids[20:])
+    run_job(store, client, job_id)
+    actual = reconcile_job(store, job_id).cost_usd
+    assert estimate.cost_usd == pytest.approx(actual, rel=0.10)
+
+
+def test_cancel_mid_job_sends_nothing_more_and_every_task_ends_once(
+    store: JobStore,
+    start_simulator: Callable[..., Simulator],
+    make_client: Callable[..., LLMClient],
+) -> None:
+    from datetime import UTC, datetime
+
+    sim = start_simulator(latency_ms=0)
+    seed(store, 100)
+    client = make_client(sim)
+    job_id = new_job(store, "r1")
+    for batch_no in range(4):
+        process_batch(store, client, job_id, batch_no)
+    assert store.request_cancel(job_id, datetime.now(UTC), "operator-test")
+    sent_at_cancel = sim.stats()["requests_total"]
+    for batch_no in range(4, 10):
+        process_batch(store, client, job_id, batch_no)
+    summary = reconcile_job(store, job_id)
+
+    assert sim.stats()["requests_total"] == sent_at_cancel
+    assert summary.state == "cancelled"
+    assert summary.counts == {"succeeded": 40, "failed": 0, "needs_review": 0, "cancelled": 60}
+    assert store.results.count_documents({"job_id": job_id}) == 100
+    assert not store.request_cancel(job_id, datetime.now(UTC), "again"), "ended jobs stay ended"
+
+
+def test_redrive_sends_exactly_the_failed_tasks_of_the_earlier_job(
+    store: JobStore,
+    start_simulator: Callable[..., Simulator],
+    make_client: Callable[..., LLMClient],
+) -> None:
+    sim = start_simulator(latency_ms=0)
+    bad = frozenset({2, 13, 27})
+    ids = seed(store, 30, invalid=bad)
+    client = make_client(sim)
+    first = new_job(store, "r1")
+    run_job(store, client, first)
+    reconcile_job(store, first)
+    for i in bad:  # the operator fixes the payloads
+        store.tasks.update_one({"_id": ids[i]}, {"$unset": {"payload.simulate": ""}})
+    sim.reset()
+
+    retry = start_job(store, {"retry_of": first}, dag_id="d", run_id="r2", source="manual")
+    run_job(store, client, retry.job_id)
+    summary = reconcile_job(store, retry.job_id)
+
+    assert retry.task_count == 3
+    assert sorted(sim.stats(per_task=1)["received_per_task"]) == sorted(ids[i] for i in bad)
+    assert summary.counts["succeeded"] == 3
+
+
+def test_redrive_of_a_job_without_failures_is_refused(
+    store: JobStore,
+    start_simulator: Callable[..., Simulator],
+    make_client: Callable[..., LLMClient],
+) -> None:
+    from llm_batch.selection import InvalidJobRequest
+
+    sim = start_simulator(latency_ms=0)
+    seed(store, 10)
+    first = new_job(store, "r1")
+    run_job(store, make_client(sim), first)
+    with pytest.raises(InvalidJobRequest, match="has no failed tasks to re-drive"):
+        start_job(store, {"retry_of": first}, dag_id="d", run_id="r2", source="manual")
+
+
+@pytest.mark.parametrize(("bad_share", "alerts"), [(0.4, True), (0.05, False)])
+def test_an_alert_fires_at_forty_percent_failures_and_not_at_five(
+    store: JobStore,
+    start_simulator: Callable[..., Simulator],
+    make_client: Callable[..., LLMClient],
+    bad_share: float,
+    alerts: bool,
+) -> None:
+    sim = start_simulator(latency_ms=0)
+    seed(store, 100, invalid=frozenset(range(int(100 * bad_share))))
+    job_id = new_job(store, "r1")
+    run_job(store, make_client(sim), job_id)
+    alert = failure_rate_alert(reconcile_job(store, job_id).to_dict(), 0.30)
+    assert (alert is not None) is alerts
+    if alert is not None:
+        assert "invalid_input" in alert.text and "40%" in alert.text

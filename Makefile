@@ -6,15 +6,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv constraints demo up down stop status test lint clean distclean
+.PHONY: help venv constraints demo up down stop status test lint bench clean distclean
 
 help:
 	@echo "make demo     start the local stack and run a 5000-task job (venv included)"
 	@echo "make test     unit, DAG, integration and end-to-end tests"
 	@echo "make up | down | status   the local stack (Airflow, MongoDB-wire server, LLM simulator)"
 	@echo "make lint     ruff + mypy"
+	@echo "make bench    benchmark a 5000-task job against its floors on a stack of its own (BENCH_ARGS=...)"
 	@echo "make venv     create $(VENV) from requirements.txt pinned by constraints.txt"
 	@echo "make constraints   re-resolve requirements.txt in a scratch venv into constraints.txt"
 	@echo "make clean    stop the stack, remove .work/ and caches; distclean also removes $(VENV)"
@@ -54,6 +56,10 @@ status: venv
 
 test: venv
 	$(PY) -m pytest -p no:cacheprovider tests $(PYTEST_ARGS)
+
+# A stack of its own (temporary work dir, free ports): a running demo is not disturbed.
+bench: venv
+	$(PY) -m llm_batch.benchmark $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

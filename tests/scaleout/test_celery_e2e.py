@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from typing import Any
@@ -54,3 +55,13 @@ def test_a_1000_task_job_runs_on_both_celery_workers_exactly_once_within_the_poo
     print(f"\n1000-task job on Celery in {elapsed:.0f} s; batches per worker: {dict(by_worker)}")
     assert set(by_worker) == set(celery_cluster.workers), by_worker
     assert all(count >= 5 for count in by_worker.values()), by_worker
+
+    # XCom, the only thing task instances pass each other, holds small descriptors only.
+    api = celery_cluster.airflow_api
+    job_ref = api.get_xcom(config.JOB_DAG_ID, run_id, "create_job")
+    assert job_ref["job_id"] == "scaleout-celery" and len(json.dumps(job_ref)) < 512
+    batch_numbers = api.get_xcom(config.JOB_DAG_ID, run_id, "plan_batches")
+    assert batch_numbers == list(range(TASKS // config.BATCH_SIZE))
+    assert api.get_xcom(config.JOB_DAG_ID, run_id, "process_batch", map_index=0) is None
+    summary = api.get_xcom(config.JOB_DAG_ID, run_id, "reconcile_job")
+    assert task_ids[1] not in json.dumps(summary) and len(json.dumps(summary)) < 8192

@@ -25,6 +25,7 @@ from llm_batch.simulator.__main__ import parse_args as parse_simulator_args
 from llm_hook.hook import LLMHook
 from llm_hook.settings import ClientSettings
 from tests.conftest import REPO_ROOT
+from tests.scaleout.task_code import task_time_files
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yaml"
 ENV_EXAMPLE = REPO_ROOT / ".env.example"
@@ -253,20 +254,13 @@ def test_the_pipelines_environment_variables_reach_the_airflow_containers(
 ) -> None:
     """Every LLM_BATCH_* variable the DAGs and include/ read at task time is passed through."""
     read = set()
-    for path in [*REPO_ROOT.joinpath("dags").glob("*.py"), *_task_time_modules()]:
+    for path in task_time_files():
         read |= set(re.findall(r"\"(LLM_BATCH_[A-Z0-9_]+)\"", path.read_text()))
     read.add(config.CACHE_MAX_AGE_ENV)
     env = compose["services"]["airflow-worker"]["environment"]
     passed = {name for name in env if name.startswith("LLM_BATCH_")}
     assert read <= passed, f"not passed to the containers: {read - passed}"
     assert passed <= read, f"passed but read by no task code: {passed - read}"
-
-
-def _task_time_modules() -> list[Path]:
-    """Modules of include/llm_batch that run in task instances (not the local stack or CLI)."""
-    local_only = {"stack.py", "processes.py", "cli.py", "demo.py", "airflow_api.py", "config.py"}
-    package = REPO_ROOT / "include" / "llm_batch"
-    return [path for path in package.glob("*.py") if path.name not in local_only]
 
 
 def test_the_image_installs_the_pinned_requirements_and_the_project() -> None:

@@ -101,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     selection.add_argument("--task-ids-file", type=Path, help="a file of task _ids, one per line")
     selection.add_argument("--filter", help="a MongoDB query over tasks, as JSON")
     selection.add_argument("--all", action="store_true", help="all tasks, up to --limit")
+    selection.add_argument("--retry-of", help="re-drive: the failed tasks of this earlier job")
+    submit.add_argument(
+        "--include-needs-review", action="store_true", help="with --retry-of: review tasks too"
+    )
+    submit.add_argument("--review-below", type=float, help="confidence under which to review")
+    submit.add_argument("--max-cost-usd", type=float, help="hard budget for the job")
+    submit.add_argument("--alert-failure-rate", type=float, help="alert above this failed share")
+    submit.add_argument("--no-cache", action="store_true", help="ask the LLM even if answered")
     submit.add_argument("--limit", type=int, default=config.MAX_TASKS_PER_JOB)
     submit.add_argument("--instructions")
     submit.add_argument("--model")
@@ -115,6 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("job_id")
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=cmd_status)
+
+    cancel = commands.add_parser("cancel", help="stop a job: nothing more is sent")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(handler=cmd_cancel)
+
+    history = commands.add_parser("history", help="list recent jobs")
+    history.add_argument("--limit", type=int, default=20)
+    history.add_argument("--json", action="store_true")
+    history.set_defaults(handler=cmd_history)
+
+    review = commands.add_parser("review", help="list a job's answers that need review")
+    review.add_argument("job_id")
+    review.add_argument("--json", action="store_true")
+    review.set_defaults(handler=cmd_review)
 
     wait = commands.add_parser("wait", help="wait for a job to end, showing progress")
     wait.add_argument("job_id")
@@ -159,8 +181,16 @@ def build_conf(args: argparse.Namespace) -> dict[str, Any]:
         conf["task_ids"] = args.task_ids_file.read_text()
     elif args.filter is not None:
         conf["filter"] = args.filter
+    elif args.retry_of is not None:
+        conf["retry_of"] = args.retry_of
+        conf["include_needs_review"] = args.include_needs_review
     else:
         conf["filter"] = {}
+    for key in ("review_below", "max_cost_usd", "alert_failure_rate"):
+        if getattr(args, key) is not None:
+            conf[key] = getattr(args, key)
+    if args.no_cache:
+        conf["use_cache"] = False
     for key in ("instructions", "model", "job_id"):
         if getattr(args, key) is not None:
             conf[key] = getattr(args, key)
@@ -213,6 +243,78 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     view = job_view(store, job)
     print(json.dumps(view, default=str, indent=2) if args.json else render_summary(view))
     return exit_code_for(view["state"])
+
+
+def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    """Flag the job: batches not yet sent skip, in-flight ones finish, the rest end cancelled."""
+    store = settings.store()
+    by = os.environ.get("USER") or "cli"
+    if not store.request_cancel(args.job_id, datetime.now(UTC), by):
+        job = store.get_job(args.job_id)
+        state = job["state"] if job else "unknown"
+        raise CliError(f"job {args.job_id!r} cannot be cancelled (state: {state})", EXIT_JOB_NOT_OK)
+    print(
+        f"job {args.job_id}: cancel requested; nothing more is sent, in-flight requests finish, "
+        "the remaining tasks end cancelled"
+    )
+    return EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
+    store = settings.store()
+    jobs = list(
+        store.jobs.find({}, {"task_ids": 0, "params.task_ids": 0})
+        .sort("timings.created_at", -1)
+        .limit(args.limit)
+    )
+    rows = [
+        {
+            "job_id": job["_id"],
+            "state": job["state"],
+            "source": job.get("source"),
+            "tasks": job.get("task_count"),
+            "counts": job.get("counts"),
+            "cost_usd": job.get("cost_usd"),
+            "wall_time_s": job.get("wall_time_s"),
+            "created_at": job.get("timings", {}).get("created_at"),
+            "run_id": job.get("run_id"),
+        }
+        for job in jobs
+    ]
+    if args.json:
+        print(json.dumps(rows, default=str, indent=2))
+        return EXIT_OK
+    print(
+        f"{'job':<34} {'state':<17} {'source':<10} {'tasks':>5} {'ok':>5} {'failed':>6} "
+        f"{'cost $':>9} {'wall s':>7}  triggered by"
+    )
+    for row in rows:
+        counts = row["counts"] or {}
+        wall = row["wall_time_s"]
+        print(
+            f"{row['job_id']:<34} {row['state']:<17} {row['source'] or '':<10} "
+            f"{row['tasks'] or 0:>5} {counts.get('succeeded', 0):>5} {counts.get('failed', 0):>6} "
+            f"{float(row['cost_usd'] or 0):>9.4f} {wall if wall is not None else '':>7}  "
+            f"{row['run_id']}"
+        )
+    return EXIT_OK
+
+
+def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
+    store = settings.store()
+    results = list(
+        store.results.find(
+            {"job_id": args.job_id, "status": "needs_review"},
+            {"task_id": 1, "confidence": 1, "output": 1},
+        )
+    )
+    if args.json:
+        print(json.dumps(results, default=str, indent=2))
+    else:
+        for result in results:
+            print(f"{result['task_id']}\tconfidence {result.get('confidence')}")
+        print(f"{len(results)} answers of job {args.job_id} need review", file=sys.stderr)
+    return EXIT_OK
 
 
 def cmd_wait(args: argparse.Namespace, settings: Settings) -> int:

@@ -61,3 +61,19 @@ def test_mongo_uri_comes_from_the_stack_file_unless_the_environment_sets_it(
     assert cli.Settings.load().mongo_uri == "mongodb://127.0.0.1:1/db"
     monkeypatch.setenv("LLM_BATCH_MONGO_URI", "mongodb://elsewhere:27017/x")
     assert cli.Settings.load().mongo_uri == "mongodb://elsewhere:27017/x"
+
+
+def test_redrive_and_operations_flags_reach_the_conf() -> None:
+    conf = conf_for(
+        "--retry-of", "job-1", "--include-needs-review", "--max-cost-usd", "2.5",
+        "--review-below", "0.7", "--no-cache",
+    )  # fmt: skip
+    assert conf["retry_of"] == "job-1" and conf["include_needs_review"] is True
+    assert conf["filter"] is None and conf["task_ids"] is None
+    assert conf["max_cost_usd"] == 2.5 and conf["review_below"] == 0.7
+    assert conf["use_cache"] is False
+
+
+def test_a_review_threshold_above_one_is_refused() -> None:
+    with pytest.raises(cli.CliError, match=r"review_below 1\.5 is out of range"):
+        conf_for("--all", "--review-below", "1.5")

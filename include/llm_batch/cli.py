@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--max-cost-usd", type=float, help="hard budget for the job")
     submit.add_argument("--alert-failure-rate", type=float, help="alert above this failed share")
     submit.add_argument("--no-cache", action="store_true", help="ask the LLM even if answered")
+    submit.add_argument(
+        "--dry-run", action="store_true", help="estimate tokens and cost only; send nothing"
+    )
     submit.add_argument("--limit", type=int, default=config.MAX_TASKS_PER_JOB)
     submit.add_argument("--instructions")
     submit.add_argument("--model")
@@ -191,6 +194,8 @@ def build_conf(args: argparse.Namespace) -> dict[str, Any]:
             conf[key] = getattr(args, key)
     if args.no_cache:
         conf["use_cache"] = False
+    if args.dry_run:
+        conf["dry_run"] = True
     for key in ("instructions", "model", "job_id"):
         if getattr(args, key) is not None:
             conf[key] = getattr(args, key)
@@ -224,6 +229,8 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     run_id = f"cli__{conf['job_id']}__{datetime.now(UTC):%Y%m%dT%H%M%S%f}"
     run = airflow.trigger_dag_run(config.JOB_DAG_ID, conf, run_id=run_id)
     job_id = conf["job_id"]
+    if args.dry_run:
+        return show_estimate(airflow, run["dag_run_id"], args.timeout, args.json)
     link = f"{airflow.url}/dags/{config.JOB_DAG_ID}/runs/{run['dag_run_id']}"
     if not args.wait:
         if args.json:
@@ -233,6 +240,30 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_OK
     print(f"submitted job {job_id} as run {run['dag_run_id']}\n  {link}", file=sys.stderr)
     return follow(settings, job_id, run["dag_run_id"], args.timeout, args.json)
+
+
+def show_estimate(airflow: AirflowClient, run_id: str, timeout_s: float, as_json: bool) -> int:
+    """Wait for a dry run's create_job and print its estimate (or why it was refused)."""
+    deadline = time.monotonic() + timeout_s
+    while airflow.get_dag_run(config.JOB_DAG_ID, run_id)["state"] not in FINAL_RUN_STATES:
+        if time.monotonic() > deadline:
+            raise CliError(f"dry run {run_id} still running after {timeout_s:.0f} s")
+        time.sleep(1.0)
+    estimate = airflow.get_xcom(config.JOB_DAG_ID, run_id, "create_job", "estimate")
+    if estimate is None:
+        problems = airflow.get_xcom(config.JOB_DAG_ID, run_id, "create_job", "rejection") or [
+            f"no estimate recorded: see create_job's log of run {run_id}"
+        ]
+        raise CliError("job request refused:\n  - " + "\n  - ".join(problems), EXIT_REFUSED)
+    if as_json:
+        print(json.dumps(estimate, indent=2))
+    else:
+        print(
+            f"dry run (nothing sent): {estimate['task_count']} tasks in {estimate['requests']} "
+            f"requests, about {estimate['input_tokens']} input + {estimate['output_tokens']} "
+            f"output tokens, ${estimate['cost_usd']:.4f}\n  basis: {estimate['basis']}"
+        )
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:

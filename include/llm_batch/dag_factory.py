@@ -91,6 +91,13 @@ def job_params(**defaults: Any) -> dict[str, Param]:
             description="Answer a task from a stored answer to the same input, instructions, model "
             "and parameters (spends nothing). Turn off to ask the LLM again.",
         ),
+        "dry_run": Param(
+            False,
+            type="boolean",
+            title="Dry run",
+            description="Only estimate tokens and cost of the selection (see create_job's log "
+            "and XCom 'estimate'); nothing is sent and no job is created.",
+        ),
         "review_below": Param(
             None,
             type=["null", "number"],

@@ -11,6 +11,7 @@ from typing import Any
 
 from llm_batch.batching import batch_count
 from llm_batch.config import BATCH_SIZE
+from llm_batch.estimate import CostEstimate, Prices, estimate_job
 from llm_batch.models import RESUMABLE_ERROR_TYPES, JobRequest, JobState, ResultStatus
 from llm_batch.processing import utcnow
 from llm_batch.selection import InvalidJobRequest, parse_job_request, resolve_selection
@@ -109,6 +110,19 @@ def start_job(
         left_over,
     )
     return JobStart(job_id, len(task_ids), batch_count(len(task_ids)), False)
+
+
+def estimate_request(store: JobStore, conf: Mapping[str, Any], prices: Prices) -> CostEstimate:
+    """Validate and resolve the request like `start_job`, and estimate it; write nothing."""
+    request = parse_job_request(conf)
+    task_ids = (
+        redrive_selection(store, request)
+        if request.retry_of is not None
+        else resolve_selection(store.tasks, request)
+    )
+    return estimate_job(
+        store, task_ids, instructions=request.instructions, model=request.model, prices=prices
+    )
 
 
 def redrive_selection(store: JobStore, request: JobRequest) -> list[Any]:

@@ -39,6 +39,7 @@ MAX_INSTRUCTIONS_CHARS = 32_768
 REQUEST_KEYS = (
     "task_ids", "filter", "retry_of", "include_needs_review", "limit", "instructions", "model",
     "job_id", "llm_params", "use_cache", "review_below", "max_cost_usd", "alert_failure_rate",
+    "dry_run",
 )  # fmt: skip
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -117,6 +118,8 @@ def parse_job_request(conf: Mapping[str, Any]) -> JobRequest:
     alert_rate = _optional_number(
         conf.get("alert_failure_rate"), "alert_failure_rate", problems, upper=1.0
     )
+    if not isinstance(conf.get("dry_run") or False, bool):
+        problems.append(f"dry_run must be true or false, not {conf.get('dry_run')!r}")
     include_review = conf.get("include_needs_review") or False
     if not isinstance(include_review, bool):
         problems.append(f"include_needs_review must be true or false, not {include_review!r}")

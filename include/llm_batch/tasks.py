@@ -19,7 +19,8 @@ from llm_batch import config
 from llm_batch.alerts import DEFAULT_FAILURE_RATE, failure_rate_alert, notify
 from llm_batch.batching import split_into_batches
 from llm_batch.cache import ResponseCache
-from llm_batch.jobs import start_job
+from llm_batch.estimate import Prices
+from llm_batch.jobs import estimate_request, start_job
 from llm_batch.processing import BatchReport, JobAborted, process_batch
 from llm_batch.ratelimit import mongo_rate_limiter
 from llm_batch.reconcile import reconcile_job
@@ -28,6 +29,8 @@ from llm_batch.store import JobStore
 
 log = logging.getLogger(__name__)
 
+ESTIMATE_XCOM_KEY = "estimate"
+"""XCom key under which a dry run's `create_job` leaves its cost estimate (for the CLI)."""
 REJECTION_XCOM_KEY = "rejection"
 """XCom key under which `create_job` leaves the reason a request was refused (for the CLI)."""
 
@@ -46,8 +49,17 @@ def open_store(conn_id: str = config.MONGO_CONN_ID) -> Iterator[JobStore]:
 def create_job(
     params: Mapping[str, Any], *, dag_id: str, run_id: str, run_type: str, ti: Any
 ) -> dict[str, Any]:
-    """Validate the request and create (or resume) its job; refuse bad input without retrying."""
+    """Validate the request and create (or resume) its job; refuse bad input without retrying.
+
+    A dry run resolves and estimates the request, then stops: no job, no LLM request.
+    """
     try:
+        if params.get("dry_run"):
+            with open_store() as store:
+                estimate = estimate_request(store, params, connection_prices())
+            log.info("dry run, nothing sent: %s", estimate.render())
+            ti.xcom_push(key=ESTIMATE_XCOM_KEY, value=estimate.to_dict())
+            return {"dry_run": True, "estimate": estimate.to_dict()}
         with open_store() as store:
             store.ensure_indexes()
             response_cache(store).ensure_indexes()
@@ -59,8 +71,21 @@ def create_job(
     return {"job_id": start.job_id, "task_count": start.task_count, "resumed": start.resumed}
 
 
+def connection_prices() -> Prices:
+    """Return the `llm_default` connection's prices per 1k tokens."""
+    from llm_hook import LLMHook
+
+    client = LLMHook(llm_conn_id=config.LLM_CONN_ID).get_conn()
+    try:
+        return Prices(client.settings.price_input_per_1k, client.settings.price_output_per_1k)
+    finally:
+        client.close()
+
+
 def plan_batches(job: Mapping[str, Any]) -> list[int]:
     """Return the numbers of the batches that still have unanswered tasks."""
+    if job.get("dry_run"):
+        return []
     with open_store() as store:
         stored = store.get_job(job["job_id"], with_task_ids=True)
         if stored is None:
@@ -110,6 +135,8 @@ def reconcile(job: Mapping[str, Any] | None) -> dict[str, Any]:
     """Close the job whatever happened upstream; skip when no job was created."""
     if not job:
         raise AirflowSkipException("no job was created (see create_job's log for why)")
+    if job.get("dry_run"):
+        raise AirflowSkipException("dry run: no job to reconcile")
     with open_store() as store:
         summary = reconcile_job(store, job["job_id"])
         stored = store.get_job(job["job_id"]) or {}
@@ -123,6 +150,9 @@ def reconcile(job: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def report(summary: Mapping[str, Any] | None, job: Mapping[str, Any] | None) -> None:
     """Fail the run, with the reasons, unless every task succeeded; the job keeps its results."""
+    if summary is None and job is not None and job.get("dry_run"):
+        log.info("dry run finished: %s", job["estimate"])
+        return
     if summary is None:
         why = (
             "create_job refused the request (its log says what to fix)"

@@ -123,14 +123,22 @@ def stack_pids(work_dir: Path) -> list[int]:
     return [p.pid for p in everything if p.sid in sessions and not p.zombie]
 
 
+def stack_samples(work_dir: Path) -> list[tuple[str, ProcSample]]:
+    """Each live process of the stack with its part; a helper process untitled by Airflow (the
+    api-server's spawned workers) counts to its parent's part."""
+    samples = {s.pid: s for s in map(_read_proc, stack_pids(work_dir)) if s is not None}
+    parts = {pid: _category(s.cmdline) for pid, s in samples.items()}
+    return [
+        (parts.get(s.ppid, "other") if part == "other" else part, s)
+        for part, s in ((parts[pid], s) for pid, s in samples.items())
+    ]
+
+
 def stack_cpu(work_dir: Path) -> dict[str, float]:
     """CPU seconds the stack has used so far, by part (reaped children count to their parent)."""
     totals: dict[str, float] = {}
-    for pid in stack_pids(work_dir):
-        sample = _read_proc(pid)
-        if sample is not None:
-            part = _category(sample.cmdline)
-            totals[part] = totals.get(part, 0.0) + sample.cpu_s
+    for part, sample in stack_samples(work_dir):
+        totals[part] = totals.get(part, 0.0) + sample.cpu_s
     return totals
 
 
@@ -142,6 +150,7 @@ class Sampler:
     peak_task_rss_mb: float = 0.0
     peak_scheduler_rss_mb: float = 0.0
     peak_api_server_rss_mb: float = 0.0
+    """The largest api-server process (the server or one of its workers)."""
     titles: set[str] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -158,10 +167,9 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.wait(SAMPLE_INTERVAL_S):
-            samples = [s for s in map(_read_proc, stack_pids(self.work_dir)) if s is not None]
-            parents = {s.ppid for s in samples}
-            for sample in samples:
-                part = _category(sample.cmdline)
+            samples = stack_samples(self.work_dir)
+            parents = {s.ppid for _, s in samples}
+            for part, sample in samples:
                 self.titles.add(f"{part}: {sample.cmdline[:60]}")
                 if part == "tasks" and sample.pid not in parents:
                     # A leaf of the executor's tree: the task process itself.

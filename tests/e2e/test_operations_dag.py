@@ -49,7 +49,11 @@ def test_a_manual_job_started_while_the_nightly_fills_the_pool_finishes_first(
         seed_tasks(db, "night-", 30 * airflow_stack.pool_slots)
         api.trigger_dag_run("llm_batch_nightly", {}, run_id="e2e-nightly")
         nightly_job = wait_for_job(db, "e2e-nightly")
-        wait_until(lambda: sim.stats()["in_flight"] >= airflow_stack.pool_slots - 1, 300)
+        # The nightly has taken pool slots: its batches are mid-request.
+        wait_until(
+            lambda: db.batches.count_documents({"job_id": nightly_job, "state": "running"}) >= 2,
+            300,
+        )
 
         manual_ids = seed_tasks(db, "prio-", 30)
         api.trigger_dag_run(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -257,15 +258,28 @@ class AirflowClient:
         return answer.json() if answer.content else {}
 
     def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
-        try:
-            return self.session.request(method, url, timeout=self.timeout_s, **kwargs)
-        except requests.RequestException as exc:
-            raise AirflowAPIError(
-                f"Airflow at {self.url} did not answer {method} {url.removeprefix(self.url)} "
-                f"({exc.__class__.__name__}). Is it running? `make status` shows the local stack; "
-                "`make up` starts it; LLM_BATCH_AIRFLOW_URL points elsewhere."
-            ) from exc
+        # A busy api-server (a small machine running hundreds of task instances) can miss one
+        # read; reads are safe to repeat, writes (a trigger) are not.
+        attempts = READ_ATTEMPTS if method == "GET" else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return self.session.request(method, url, timeout=self.timeout_s, **kwargs)
+            except requests.RequestException as exc:
+                if attempt < attempts and isinstance(exc, requests.Timeout):
+                    time.sleep(attempt)
+                    continue
+                raise self._unreachable(method, url, exc) from exc
+        raise AssertionError("unreachable")
 
+    def _unreachable(self, method: str, url: str, exc: Exception) -> AirflowAPIError:
+        return AirflowAPIError(
+            f"Airflow at {self.url} did not answer {method} {url.removeprefix(self.url)} "
+            f"({exc.__class__.__name__}). Is it running? `make status` shows the local stack; "
+            "`make up` starts it; LLM_BATCH_AIRFLOW_URL points elsewhere."
+        )
+
+
+READ_ATTEMPTS = 3
 
 _LOGIN_HINT = (
     "Check LLM_BATCH_AIRFLOW_USERNAME / LLM_BATCH_AIRFLOW_PASSWORD, or the password file named in "

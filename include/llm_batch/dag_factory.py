@@ -162,7 +162,8 @@ def build_job_dag(
                 params,
                 dag_id=dag_run.dag_id,
                 run_id=dag_run.run_id,
-                run_type=str(dag_run.run_type),
+                # DagRunType is a str Enum whose str() is "DagRunType.MANUAL": store its value.
+                run_type=getattr(dag_run.run_type, "value", str(dag_run.run_type)),
                 ti=ti,
             )
 

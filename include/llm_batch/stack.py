@@ -61,6 +61,8 @@ AIRFLOW_TUNING: Mapping[str, str] = {
     # SQLite + the default pool (5 + 10 overflow) deadlocks the api-server once ~30 tasks call the
     # execution API at once: requests hold a connection while waiting for another. Unbounded.
     "AIRFLOW__DATABASE__SQL_ALCHEMY_POOL_SIZE": "0",
+    # SQLite's default 5 s busy timeout killed the scheduler under load (`database is locked`).
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "llm_batch.airflow_db.SQLITE_CONNECT_ARGS",
     # The api-server does the most work per task instance; a second worker uses the second core.
     "AIRFLOW__API__WORKERS": "2",
     # One access-log line and several execution-API lines per task call cost CPU, show nothing.

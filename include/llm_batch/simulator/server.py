@@ -849,8 +849,9 @@ class SimulatorHandler(BaseHTTPRequestHandler):
             stored = state.claim_idempotency(scope, request.fingerprint, config)
             if isinstance(stored, bytes):
                 replayed = {"Idempotent-Replayed": "true"}
-                self._send_api(200, request.endpoint, config, stored, replayed)
+                # Count first: a client that reads /stats right after the answer must see it.
                 state.record(request, 200, idempotency_key, replayed=True)
+                self._send_api(200, request.endpoint, config, stored, replayed)
                 return
             claim = stored
         draw = state.draw(config, len(request.tasks))

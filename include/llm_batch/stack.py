@@ -61,8 +61,6 @@ AIRFLOW_TUNING: Mapping[str, str] = {
     # SQLite + the default pool (5 + 10 overflow) deadlocks the api-server once ~30 tasks call the
     # execution API at once: requests hold a connection while waiting for another. Unbounded.
     "AIRFLOW__DATABASE__SQL_ALCHEMY_POOL_SIZE": "0",
-    # SQLite's default 5 s busy timeout killed the scheduler under load (`database is locked`).
-    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "llm_batch.airflow_db.SQLITE_CONNECT_ARGS",
     # The api-server does the most work per task instance; a second worker uses the second core.
     "AIRFLOW__API__WORKERS": "2",
     # One access-log line and several execution-API lines per task call cost CPU, show nothing.
@@ -79,6 +77,9 @@ AIRFLOW_TUNING: Mapping[str, str] = {
     "AIRFLOW__CORE__MIN_SERIALIZED_DAG_UPDATE_INTERVAL": "5",
     "AIRFLOW__API__MAXIMUM_PAGE_LIMIT": "1000",
 }
+
+
+SQL_CONNECT_ARGS_ENV = "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS"
 
 
 class StackError(RuntimeError):
@@ -254,6 +255,10 @@ class StackSettings:
         """The environment of `airflow standalone`: `base` plus the stack's settings."""
         venv_bin = str(Path(sys.executable).parent)
         env = {**base, **{k: v for k, v in AIRFLOW_TUNING.items() if k not in base}}
+        # The embedded stack's metadata DB is SQLite, whose default 5 s busy timeout killed the
+        # scheduler under load (`database is locked`). SQLite only: other drivers reject it.
+        if env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "sqlite").startswith("sqlite"):
+            env.setdefault(SQL_CONNECT_ARGS_ENV, "llm_batch.airflow_db.SQLITE_CONNECT_ARGS")
         env.update(
             {
                 # standalone starts its components as `airflow ...` from PATH: make it this one.

@@ -75,6 +75,7 @@ def start_job(
             return JobStart(job_id, already["task_count"], already["batch_count"], False)
         raise InvalidJobRequest([f"job {job_id} already exists; choose another job_id"])
 
+    batches = batch_count(len(task_ids))
     store.insert_job(
         {
             "_id": job_id,
@@ -82,7 +83,7 @@ def start_job(
             "source": source,
             "task_count": len(task_ids),
             "batch_size": BATCH_SIZE,
-            "batch_count": batch_count(len(task_ids)),
+            "batch_count": batches,
             "params": request.to_document(),
             "task_ids": task_ids,
             "counts": {status.value: 0 for status in ResultStatus},
@@ -104,12 +105,12 @@ def start_job(
         "selection and are left for a later job",
         job_id,
         len(task_ids),
-        batch_count(len(task_ids)),
+        batches,
         source,
         run_id,
         left_over,
     )
-    return JobStart(job_id, len(task_ids), batch_count(len(task_ids)), False)
+    return JobStart(job_id, len(task_ids), batches, False)
 
 
 def estimate_request(store: JobStore, conf: Mapping[str, Any], prices: Prices) -> CostEstimate:

@@ -18,7 +18,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from llm_batch import config
 from llm_batch.batching import batch_bounds, batch_id, result_id
-from llm_batch.models import JobState
+from llm_batch.models import FINAL_JOB_STATES, JobState
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class JobStore:
 
     def request_cancel(self, job_id: str, at: datetime, by: str) -> bool:
         """Ask a job to stop sending; return False if it has already ended or is unknown."""
-        final = [s.value for s in JobState if s.is_final]
+        final = [state.value for state in FINAL_JOB_STATES]
         updated = self.jobs.update_one(
             {"_id": job_id, "state": {"$nin": final}, "cancel": None},
             {"$set": {"cancel": {"at": at, "by": by}}},
@@ -326,7 +326,3 @@ class JobStore:
             },
             "cost_usd": round(float(totals.get("cost_usd", 0.0)), 6),
         }
-
-    def running_jobs(self) -> list[Document]:
-        active = [JobState.CREATED.value, JobState.RUNNING.value, JobState.RECONCILING.value]
-        return list(self.jobs.find({"state": {"$in": active}}, JOB_SUMMARY_PROJECTION))

@@ -14,14 +14,19 @@ Runs: `create_job` (validate, snapshot the task ids) -> `plan_batches` -> `proce
 task ends in exactly one terminal state) -> `report`.
 
 Results land in the `results`, `jobs` and `llm_calls` collections and on each task as
-`last_result`. Bad input fails `create_job` with a message that says what to fix; nothing is sent.
+`last_result`; the run's note shows the job's summary. Bad input fails `create_job` with a
+message that says what to fix; nothing is sent.
+
+**Cancel** by marking the run *failed*: batches not yet started never send, running ones get a
+few seconds to keep their answers, then `reconcile_job` ends the rest `cancelled`. A run still
+going `LLM_BATCH_DEADLINE_S` (default 4 h) after it was queued raises a `deadline_missed` alert.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from llm_batch.dag_factory import MANUAL_PRIORITY, build_job_dag, job_params
+from llm_batch.dag_factory import MANUAL_PRIORITY, build_job_dag, deadline_from_env, job_params
 
 dag = build_job_dag(
     Path(__file__).stem,
@@ -30,4 +35,5 @@ dag = build_job_dag(
     params=job_params(),
     priority_weight=MANUAL_PRIORITY,
     tags=["llm", "batch"],
+    deadline_s=deadline_from_env(),
 )

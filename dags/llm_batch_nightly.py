@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from llm_batch import config
-from llm_batch.dag_factory import NIGHTLY_PRIORITY, build_job_dag, job_params
+from llm_batch.dag_factory import NIGHTLY_PRIORITY, build_job_dag, deadline_from_env, job_params
 
 BACKLOG_FILTER = {"last_result.status": {"$ne": "succeeded"}}
 
@@ -27,4 +27,5 @@ dag = build_job_dag(
     params=job_params(filter=BACKLOG_FILTER, limit=config.MAX_TASKS_PER_JOB),
     priority_weight=NIGHTLY_PRIORITY,
     tags=["llm", "batch", "nightly"],
+    deadline_s=deadline_from_env(),
 )

@@ -123,6 +123,11 @@ class AirflowClient:
     def get_dag_run(self, dag_id: str, run_id: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/dags/{_seg(dag_id)}/dagRuns/{_seg(run_id)}"))
 
+    def set_dag_run_state(self, dag_id: str, run_id: str, state: str) -> dict[str, Any]:
+        """Mark a run `failed`, `success` or `queued`, as the UI's buttons do."""
+        path = f"/dags/{_seg(dag_id)}/dagRuns/{_seg(run_id)}"
+        return dict(self._call("PATCH", path, json={"state": state}))
+
     def list_task_instances(
         self, dag_id: str, run_id: str, task_id: str | None = None
     ) -> list[dict[str, Any]]:

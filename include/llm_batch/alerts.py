@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import requests
+
+from llm_batch import config
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +74,40 @@ def failure_rate_alert(summary: Mapping[str, Any], threshold: float) -> Alert | 
     return Alert(job_id, "failure_rate", "\n".join(lines))
 
 
-def deadline_alert(job_id: str | None, run_id: str, deadline: str) -> Alert:
-    """Return the alert for a run still going past its deadline."""
-    job = job_id or "(not created yet)"
-    return Alert(
-        job_id or run_id,
-        "deadline_missed",
-        f"LLM batch job {job} (run {run_id}) is still running past its deadline of {deadline}. "
-        f"Next: check `llm-batch status {job}` for progress and the pool llm_api for queued "
-        "batches; cancel it with `llm-batch cancel JOB` if it should not finish.",
+def deadline_alert(
+    job: Mapping[str, Any] | None,
+    run_id: str,
+    deadline: str,
+    progress: Mapping[str, int],
+    top_errors: Sequence[Mapping[str, Any]] = (),
+) -> Alert:
+    """Return the alert for a run still going past its deadline, with the job's progress."""
+    if job is None:
+        return Alert(
+            run_id,
+            "deadline_missed",
+            f"LLM batch run {run_id} is still running past its deadline of {deadline}, and no "
+            "job was created for it yet. Next: look at the run's create_job task in the Airflow "
+            "UI (it may be waiting for a worker or retrying a MongoDB error).",
+        )
+    job_id = job["_id"]
+    total = int(job.get("task_count") or 0)
+    answered = sum(progress.values())
+    lines = [
+        f"LLM batch job {job_id} (run {run_id}) is still running past its deadline of "
+        f"{deadline}: {answered} of {total} tasks have a result"
+        + (
+            f" ({', '.join(f'{n} {s}' for s, n in sorted(progress.items()))})." if answered else "."
+        ),
+    ]
+    lines += [f"- {e['type']} x{e['count']}, e.g. {e['example']}" for e in top_errors[:3]]
+    lines.append(
+        f"Next: `llm-batch status {job_id}` shows progress; if batches wait in the pool "
+        f"{config.POOL_NAME}, add slots or let it finish; if it should not finish, "
+        f"`llm-batch cancel {job_id}` (or mark the run failed) stops it, and resuming it later "
+        f"with job_id={job_id} sends only what is left."
     )
+    return Alert(job_id, "deadline_missed", "\n".join(lines))
 
 
 def notify(alert: Alert, webhook_url: str | None = None) -> list[str]:

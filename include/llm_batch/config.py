@@ -34,6 +34,16 @@ CACHE_MAX_AGE_S = 7 * 24 * 3600.0
 CACHE_MAX_AGE_ENV = "LLM_BATCH_CACHE_MAX_AGE_S"
 
 JOB_DAG_ID = "llm_batch_job"
+NIGHTLY_DAG_ID = "llm_batch_nightly"
+CREATE_JOB_TASK_ID = "create_job"
+RECONCILE_TASK_ID = "reconcile_job"
+STOPPED_XCOM_KEY = "stopped_in_airflow"
+"""XCom of `create_job` that says an operator marked the run failed or success."""
+
+DEFAULT_DEADLINE_S = 4 * 3600.0
+"""A run still going this long after it was queued raises a `deadline_missed` alert;
+`LLM_BATCH_DEADLINE_S` overrides it (0 turns it off)."""
+DEADLINE_ENV = "LLM_BATCH_DEADLINE_S"
 
 LOOKUP_CHUNK = 100
 """Ids per `$in` query: large `$in` lists are slow on some servers."""

@@ -6,16 +6,20 @@ imported here; task bodies import the pipeline when they run.
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import DAG, Param, TriggerRule, dag, get_current_context, task
+from airflow.sdk import DAG, Param, dag, get_current_context, task
+from airflow.sdk.definitions.callback import AsyncCallback
+from airflow.sdk.definitions.deadline import DeadlineAlert, DeadlineReference
 
 from llm_batch import config
 
 MANUAL_PRIORITY = 100
 NIGHTLY_PRIORITY = 1
 """Free pool slots go to the highest `priority_weight`: operators' jobs overtake the nightly."""
+DEADLINE_CALLBACK = "llm_batch.deadline.job_past_deadline"
 
 
 def job_params(**defaults: Any) -> dict[str, Param]:
@@ -138,8 +142,15 @@ def build_job_dag(
     params: dict[str, Param],
     priority_weight: int,
     tags: list[str],
+    deadline_s: float = 0,
 ) -> DAG:
-    """Return a job DAG: create_job, plan_batches, process_batch[], reconcile_job, report."""
+    """Return a job DAG: create_job, plan_batches, process_batch[], reconcile_job, report.
+
+    `reconcile_job` and `report` are teardowns of `create_job`: marking the run failed in the
+    UI kills running batches and skips queued ones but leaves both to run, so the job is still
+    closed (its unsent tasks end `cancelled`) and `report` fails the run. With `deadline_s`,
+    a run still going that long after it was queued raises a `deadline_missed` alert.
+    """
 
     @dag(
         dag_id=dag_id,
@@ -152,6 +163,7 @@ def build_job_dag(
         # The pool is the real limit on LLM requests in flight; this only stays out of its way.
         max_active_tasks=256,
         default_args={"retries": 2, "retry_delay": timedelta(seconds=10)},
+        deadline=job_deadline(deadline_s),
     )
     def llm_batch_job() -> None:
         @task(retries=3)
@@ -190,15 +202,18 @@ def build_job_dag(
             # Nothing returned: a per-batch XCom costs a metadata-DB write and nobody reads it.
             run_batch(job["job_id"], batch_no, try_number=ti.try_number)
 
-        @task(trigger_rule=TriggerRule.ALL_DONE, retries=3)
+        @task(retries=3)
         def reconcile_job(ti: Any) -> dict[str, Any]:
             from llm_batch.tasks import reconcile
 
-            return reconcile(ti.xcom_pull(task_ids="create_job"))
+            return reconcile(
+                ti.xcom_pull(task_ids="create_job"),
+                stopped=ti.xcom_pull(task_ids="create_job", key=config.STOPPED_XCOM_KEY),
+            )
 
-        # all_done: a leaf decides the run's state, so this task must run (and fail) even when
-        # create_job refused the request and everything after it was skipped.
-        @task(trigger_rule=TriggerRule.ALL_DONE, retries=0)
+        # The teardown that decides the run's state (on_failure_fail_dagrun): it fails the run,
+        # with the reasons, unless every task succeeded.
+        @task(retries=0)
         def report(ti: Any) -> None:
             from llm_batch.tasks import report
 
@@ -206,7 +221,36 @@ def build_job_dag(
 
         job = create_job()
         batches = process_batch.partial(job=job).expand(batch_no=plan_batches(job))
-        summary = reconcile_job()
-        batches >> summary >> report()
+        summary = reconcile_job().as_teardown(setups=job)
+        batches >> summary >> report().as_teardown(setups=job, on_failure_fail_dagrun=True)
 
     return llm_batch_job()
+
+
+def job_deadline(deadline_s: float) -> DeadlineAlert | None:
+    """Return the alert for a run not finished `deadline_s` after it was queued (0: none)."""
+    if deadline_s <= 0:
+        return None
+    return DeadlineAlert(
+        reference=DeadlineReference.DAGRUN_QUEUED_AT,
+        interval=timedelta(seconds=deadline_s),
+        # A path, not the function: the triggerer imports it; the DAG file stays light.
+        callback=AsyncCallback(DEADLINE_CALLBACK),
+    )
+
+
+def deadline_from_env(default_s: float = config.DEFAULT_DEADLINE_S) -> float:
+    """Return `LLM_BATCH_DEADLINE_S` (seconds after queueing; 0 turns the alert off)."""
+    raw = os.environ.get(config.DEADLINE_ENV, "").strip()
+    if not raw:
+        return default_s
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(
+            f"{config.DEADLINE_ENV}={raw!r} is not a number of seconds; set e.g. 14400 (4 h), "
+            "or 0 to turn the deadline alert off"
+        ) from None
+    if value < 0:
+        raise ValueError(f"{config.DEADLINE_ENV}={raw!r} is negative; use 0 to turn it off")
+    return value

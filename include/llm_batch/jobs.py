@@ -31,7 +31,7 @@ class JobStart:
 
 
 def new_job_id(dag_id: str, run_id: str, at: datetime) -> str:
-    """Return a readable job id, the same for every retry of the run that creates it."""
+    """Return a readable job id: when it was made, and a digest of the run that made it."""
     digest = hashlib.sha256(f"{dag_id}\0{run_id}".encode()).hexdigest()[:8]
     return f"job-{at:%Y%m%d-%H%M%S}-{digest}"
 
@@ -51,10 +51,17 @@ def start_job(
     """
     request = parse_job_request(conf)
     at = now()
-    if request.job_id is not None:
-        existing = store.get_job(request.job_id)
-        if existing is not None:
-            return _resume(store, existing, run_id=run_id, at=at)
+    existing = (
+        store.get_job(request.job_id)
+        if request.job_id is not None
+        else store.job_of_run(dag_id, run_id)
+    )
+    if existing is not None:
+        if request.job_id is None and not JobState(existing["state"]).is_final:
+            # This run created it on an earlier try (e.g. the task died right after the insert).
+            return JobStart(existing["_id"], existing["task_count"], existing["batch_count"], False)
+        # A job named to resume, or this run's own job again after an operator cleared the run.
+        return _resume(store, existing, run_id=run_id, at=at)
 
     task_ids = (
         redrive_selection(store, request)
@@ -68,12 +75,6 @@ def start_job(
         else 0
     )
     job_id = request.job_id or new_job_id(dag_id, run_id, at)
-    already = store.get_job(job_id)
-    if already is not None:
-        # This run created it on an earlier try (e.g. the task died right after the insert).
-        if already.get("run_id") == run_id:
-            return JobStart(job_id, already["task_count"], already["batch_count"], False)
-        raise InvalidJobRequest([f"job {job_id} already exists; choose another job_id"])
 
     batches = batch_count(len(task_ids))
     store.insert_job(

@@ -71,6 +71,7 @@ class JobStore:
             [
                 IndexModel([("state", ASCENDING), ("timings.created_at", DESCENDING)]),
                 IndexModel([("timings.created_at", DESCENDING)]),
+                IndexModel([("dag_id", ASCENDING), ("run_id", ASCENDING)]),
             ]
         )
         self.batches.create_indexes([IndexModel([("job_id", ASCENDING), ("batch_no", ASCENDING)])])
@@ -97,6 +98,10 @@ class JobStore:
     def get_job(self, job_id: str, *, with_task_ids: bool = False) -> Document | None:
         projection = None if with_task_ids else JOB_SUMMARY_PROJECTION
         return self.jobs.find_one({"_id": job_id}, projection)
+
+    def job_of_run(self, dag_id: str, run_id: str) -> Document | None:
+        """Return the job that this Airflow run works on, or None."""
+        return self.jobs.find_one({"dag_id": dag_id, "run_id": run_id}, JOB_SUMMARY_PROJECTION)
 
     def update_job(self, job_id: str, fields: Mapping[str, Any]) -> Document | None:
         return self.jobs.find_one_and_update(

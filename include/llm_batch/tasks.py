@@ -21,7 +21,7 @@ from llm_batch.batching import split_into_batches
 from llm_batch.cache import ResponseCache
 from llm_batch.estimate import Prices
 from llm_batch.jobs import estimate_request, start_job
-from llm_batch.processing import BatchReport, JobAborted, process_batch
+from llm_batch.processing import BatchReport, JobAborted, process_batch, utcnow
 from llm_batch.ratelimit import mongo_rate_limiter
 from llm_batch.reconcile import reconcile_job
 from llm_batch.selection import InvalidJobRequest
@@ -131,21 +131,35 @@ def run_batch(job_id: str, batch_no: int, *, try_number: int) -> dict[str, Any]:
     return report.to_dict()
 
 
-def reconcile(job: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Close the job whatever happened upstream; skip when no job was created."""
+def reconcile(
+    job: Mapping[str, Any] | None, *, stopped: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Close the job whatever happened upstream; skip when no job was created.
+
+    `stopped` (`{"state", "at"}`) says an operator marked the run failed or success in
+    Airflow: the job is cancelled first, so the tasks it never sent end `cancelled`.
+    """
     if not job:
         raise AirflowSkipException("no job was created (see create_job's log for why)")
     if job.get("dry_run"):
         raise AirflowSkipException("dry run: no job to reconcile")
+    job_id = job["job_id"]
     with open_store() as store:
-        summary = reconcile_job(store, job["job_id"])
-        stored = store.get_job(job["job_id"]) or {}
+        if stopped:
+            by = f"the Airflow UI or API (run marked {stopped.get('state')})"
+            if store.request_cancel(job_id, utcnow(), by):
+                log.warning("job_id=%s cancelled: %s", job_id, by)
+        summary = reconcile_job(store, job_id)
+        stored = store.get_job(job_id) or {}
     log.info("job summary\n%s", summary.render())
     threshold = (stored.get("params") or {}).get("alert_failure_rate", DEFAULT_FAILURE_RATE)
     alert = failure_rate_alert(summary.to_dict(), threshold)
     if alert is not None:
         notify(alert)
-    return summary.to_dict()
+    result = summary.to_dict()
+    if stopped:
+        result["stopped_in_airflow"] = stopped.get("state")
+    return result
 
 
 def report(summary: Mapping[str, Any] | None, job: Mapping[str, Any] | None) -> None:
@@ -163,6 +177,19 @@ def report(summary: Mapping[str, Any] | None, job: Mapping[str, Any] | None) -> 
     if summary["state"] == "succeeded":
         log.info("job_id=%s succeeded: %s", summary["job_id"], summary["counts"])
         return
+    if summary.get("stopped_in_airflow") == "success":
+        log.warning(
+            "job_id=%s ended %s after its run was marked success: %s",
+            summary["job_id"],
+            summary["state"],
+            summary["counts"],
+        )
+        return
+    if summary["state"] == "cancelled":
+        raise AirflowFailException(
+            f"job {summary['job_id']} was cancelled: {summary['counts']}; nothing more was sent. "
+            f"To send the cancelled tasks, resume it with job_id={summary['job_id']}."
+        )
     errors = "; ".join(
         f"{e['type']} x{e['count']} (e.g. {e['example']})" for e in summary.get("top_errors", [])
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -70,13 +71,54 @@ def test_batch_task_runs_in_the_llm_pool_and_retries_with_backoff(dag_bag: DagBa
 def test_reconcile_runs_whatever_happened_to_the_batches(dag_bag: DagBag) -> None:
     dag = dag_bag.dags[config.JOB_DAG_ID]
     reconcile = dag.get_task("reconcile_job")
-    assert reconcile.trigger_rule == TriggerRule.ALL_DONE
+    # A teardown of create_job: it runs once the job exists, however the batches ended, and
+    # even after an operator marked the run failed (which skips every pending normal task).
+    assert reconcile.is_teardown and dag.get_task("create_job").is_setup
+    assert reconcile.trigger_rule == TriggerRule.ALL_DONE_SETUP_SUCCESS
     assert "process_batch" in reconcile.upstream_task_ids
+    assert not reconcile.on_failure_fail_dagrun
+
+
+def test_report_is_the_teardown_that_decides_the_runs_state(dag_bag: DagBag) -> None:
+    report = dag_bag.dags[config.JOB_DAG_ID].get_task("report")
+    assert report.is_teardown and report.on_failure_fail_dagrun
+    assert report.upstream_task_ids == {"create_job", "reconcile_job"}
+
+
+@pytest.mark.parametrize("dag_id", [config.JOB_DAG_ID, config.NIGHTLY_DAG_ID])
+def test_a_run_past_its_deadline_calls_the_deadline_alert(dag_bag: DagBag, dag_id: str) -> None:
+    from llm_batch.dag_factory import DEADLINE_CALLBACK
+
+    deadline = dag_bag.dags[dag_id].deadline
+    alerts = deadline if isinstance(deadline, list) else [deadline]
+    assert len(alerts) == 1
+    assert alerts[0].interval.total_seconds() == config.DEFAULT_DEADLINE_S
+    assert alerts[0].callback.path == DEADLINE_CALLBACK
+    module, _, name = DEADLINE_CALLBACK.rpartition(".")
+    assert callable(getattr(importlib.import_module(module), name))
+
+
+def test_the_deadline_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llm_batch.dag_factory import deadline_from_env
+
+    monkeypatch.setenv(config.DEADLINE_ENV, "90")
+    assert deadline_from_env() == 90
+    monkeypatch.setenv(config.DEADLINE_ENV, "0")
+    assert deadline_from_env() == 0
+    for bad in ("soon", "-5"):
+        monkeypatch.setenv(config.DEADLINE_ENV, bad)
+        with pytest.raises(ValueError, match=config.DEADLINE_ENV):
+            deadline_from_env()
 
 
 def test_job_dag_is_shaped_as_designed(dag_bag: DagBag) -> None:
     dag = dag_bag.dags[config.JOB_DAG_ID]
-    assert dag.get_task("create_job").downstream_task_ids == {"plan_batches", "process_batch"}
+    assert dag.get_task("create_job").downstream_task_ids == {
+        "plan_batches",
+        "process_batch",
+        "reconcile_job",
+        "report",
+    }
     assert dag.get_task("plan_batches").downstream_task_ids == {"process_batch"}
     assert dag.get_task("reconcile_job").downstream_task_ids == {"report"}
     assert dag.schedule is None or str(dag.timetable.summary) == "None"

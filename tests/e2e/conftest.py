@@ -1,16 +1,23 @@
 """The full local stack for end-to-end tests: SecantusDB, the simulator, `airflow standalone`.
 
 One stack per test session, in a temporary work dir on free ports, with the repo's dags and
-plugins and a small pool (`LLM_BATCH_TEST_POOL_SLOTS`, default 8). It always comes down at the
-end, and the session fails if anything it started is still running.
+plugins and a small pool (`LLM_BATCH_TEST_POOL_SLOTS`, default 8). Its alerts go to a webhook
+served by the test session (`AlertSink`), and its runs' deadline is short
+(`E2E_DEADLINE_S`), so a test can see a deadline alert fire. It always comes down at the end,
+and the session fails if anything it started is still running.
 """
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +27,45 @@ from llm_batch.stack import Stack, StackError, StackSettings
 from tests.conftest import Simulator
 
 DEFAULT_TEST_POOL_SLOTS = 8
+E2E_DEADLINE_S = 20
+"""Every job run of the e2e stack alerts `deadline_missed` if still going after this."""
+
+
+class AlertSink:
+    """A webhook on loopback that keeps every alert POSTed to it."""
+
+    def __init__(self) -> None:
+        self.alerts: list[dict[str, Any]] = []
+        sink = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                sink.alerts.append(json.loads(body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/alerts"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def wait_for(self, match: Callable[[dict[str, Any]], bool], timeout_s: float) -> dict[str, Any]:
+        """Return the first alert that `match`es, waiting up to `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = [alert for alert in list(self.alerts) if match(alert)]
+            if found:
+                return found[0]
+            time.sleep(0.5)
+        raise AssertionError(f"no matching alert within {timeout_s:.0f} s; got {self.alerts}")
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
 @dataclass
@@ -28,6 +74,7 @@ class AirflowStack:
 
     stack: Stack
     simulator: Simulator
+    alerts: AlertSink
     """The stack's simulator: `stats()`, `configure(**settings)`, `reset()`."""
     pool_slots: int
     mongo_uri: str = field(init=False)
@@ -69,8 +116,17 @@ def airflow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowS
     """A running stack; a failed start fails the tests that use it, with Airflow's log tail."""
     slots = configured_pool_slots()
     work_dir = tmp_path_factory.mktemp("stack")
+    alerts = AlertSink()
     stack = Stack(
-        StackSettings.on_free_ports(work_dir, pool_slots=slots, simulator_config={"latency_ms": 50})
+        StackSettings.on_free_ports(
+            work_dir,
+            pool_slots=slots,
+            simulator_config={"latency_ms": 50},
+            airflow_env={
+                "LLM_BATCH_ALERT_WEBHOOK": alerts.url,
+                "LLM_BATCH_DEADLINE_S": str(E2E_DEADLINE_S),
+            },
+        )
     )
     try:
         try:
@@ -80,8 +136,9 @@ def airflow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowS
         simulator_process = stack.process("simulator")
         assert simulator_process is not None
         simulator = Simulator(stack.llm_url, stack.llm_api_key, simulator_process)
-        yield AirflowStack(stack, simulator, slots)
+        yield AirflowStack(stack, simulator, alerts, slots)
     finally:
         stack.down()
+        alerts.close()
     leftovers = [proc.pid for proc in processes.snapshot() if proc.cwd == str(work_dir)]
     assert not leftovers, f"stack processes still running after down: {leftovers}"

@@ -1,4 +1,4 @@
-"""Operations under a real scheduler: dry runs send nothing; operators' jobs overtake nightly."""
+"""Operations under a real scheduler: dry runs, priority, run notes, stopping runs, deadlines."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from typing import Any
 
 import pymongo
 import pytest
 
-from tests.e2e.test_job_dag import seed_tasks, wait_for_run
+from llm_batch import config
+from tests.e2e.test_job_dag import seed_tasks, trigger, wait_for_run
 
 pytestmark = pytest.mark.e2e
 
@@ -100,3 +102,96 @@ def wait_until(condition: Any, timeout_s: float) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s:.0f} s")
         time.sleep(0.3)
+
+
+def test_a_finished_job_leaves_its_summary_as_the_runs_note(airflow_stack: Any) -> None:
+    db = pymongo.MongoClient(airflow_stack.mongo_uri)[airflow_stack.mongo_db_name]
+    ids = seed_tasks(db, "note-", 25)
+    trigger(airflow_stack, {"task_ids": ids, "limit": 25, "job_id": "e2e-note"}, "e2e-note")
+    assert wait_for_run(airflow_stack, "e2e-note") == "success"
+
+    note = airflow_stack.airflow_api.get_dag_run(config.JOB_DAG_ID, "e2e-note")["note"]
+    assert note, "the run has no note"
+    assert note.startswith("**LLM batch job e2e-note: succeeded**")
+    assert "25 (25 succeeded, 0 failed, 0 needs_review, 0 cancelled)" in note
+    assert "LLM requests: 3" in note and "llm-batch status e2e-note" in note
+
+
+def test_marking_a_running_job_failed_cancels_what_was_not_sent_and_keeps_in_flight_answers(
+    airflow_stack: Any,
+) -> None:
+    db = pymongo.MongoClient(airflow_stack.mongo_uri)[airflow_stack.mongo_db_name]
+    api = airflow_stack.airflow_api
+    sim = airflow_stack.simulator
+    batches = 6 * airflow_stack.pool_slots
+    ids = seed_tasks(db, "stop-", 10 * batches)
+    before = sim.stats()
+    # Shorter than the 5 s Airflow gives a killed task before SIGKILL: in-flight requests finish.
+    sim.configure(latency_ms=2500, latency_jitter_ms=0)
+    try:
+        trigger(airflow_stack, {"task_ids": ids, "limit": len(ids), "job_id": "e2e-stop"},
+                "e2e-stop")  # fmt: skip
+        wait_until(lambda: db.results.count_documents({"job_id": "e2e-stop"}) >= 20, 300)
+        wait_until(lambda: sim.stats()["in_flight"] >= 2, 120)
+        api.set_dag_run_state(config.JOB_DAG_ID, "e2e-stop", "failed")
+        at_stop = sim.stats()
+        assert wait_for_run(airflow_stack, "e2e-stop") == "failed"
+    finally:
+        sim.configure(latency_ms=50)
+    after = sim.stats()
+
+    # Nothing was sent after the stop but what was already in flight (one request per
+    # running batch, at most one per pool slot).
+    sent_after_stop = after["requests_total"] - at_stop["requests_total"]
+    assert sent_after_stop <= airflow_stack.pool_slots, sent_after_stop
+    assert after["requests_total"] - before["requests_total"] < batches
+
+    job = db.jobs.find_one({"_id": "e2e-stop"})
+    assert job is not None and job["state"] == "cancelled"
+    assert "marked failed" in job["cancel"]["by"]
+    results = list(db.results.find({"job_id": "e2e-stop"}))
+    assert sorted(r["task_id"] for r in results) == ids  # exactly one result per task
+    statuses = Counter(r["status"] for r in results)
+    assert set(statuses) == {"succeeded", "cancelled"}, statuses
+    assert {r["error"]["type"] for r in results if r["status"] == "cancelled"} == {"cancelled"}
+    # Every answer the service billed was kept, in-flight ones included.
+    assert statuses["succeeded"] == after["tasks_billed"] - before["tasks_billed"]
+    assert job["counts"] == {**dict.fromkeys(("failed", "needs_review"), 0), **statuses}
+
+    tis = api.list_task_instances(config.JOB_DAG_ID, "e2e-stop")
+    states = Counter((ti["task_id"], ti["state"]) for ti in tis)
+    assert states[("reconcile_job", "success")] == 1 and states[("report", "failed")] == 1
+    # Airflow fails or skips the batches that had not finished; none is left to run.
+    assert states[("process_batch", "failed")] + states[("process_batch", "skipped")] >= 1
+    assert not {state for (task, state) in states if task == "process_batch"} - {
+        "success",
+        "failed",
+        "skipped",
+    }
+    note = api.get_dag_run(config.JOB_DAG_ID, "e2e-stop")["note"]
+    assert note and "e2e-stop: cancelled" in note and "marked failed" in note
+
+
+def test_a_run_past_its_deadline_alerts_with_the_jobs_progress(airflow_stack: Any) -> None:
+    from tests.e2e.conftest import E2E_DEADLINE_S
+
+    db = pymongo.MongoClient(airflow_stack.mongo_uri)[airflow_stack.mongo_db_name]
+    ids = seed_tasks(db, "late-", 10 * airflow_stack.pool_slots)
+    sim = airflow_stack.simulator
+    # One round of batches that alone outlasts the deadline (the hook's timeout is 30 s).
+    sim.configure(latency_ms=(E2E_DEADLINE_S + 5) * 1000, latency_jitter_ms=0)
+    try:
+        trigger(airflow_stack, {"task_ids": ids, "limit": len(ids), "job_id": "e2e-late"},
+                "e2e-late")  # fmt: skip
+        alert = airflow_stack.alerts.wait_for(
+            lambda a: a.get("kind") == "deadline_missed" and a.get("job_id") == "e2e-late",
+            E2E_DEADLINE_S + 120,
+        )
+        state_when_alerted = airflow_stack.airflow_api.get_dag_run(config.JOB_DAG_ID, "e2e-late")
+        assert wait_for_run(airflow_stack, "e2e-late") == "success"
+    finally:
+        sim.configure(latency_ms=50)
+    assert state_when_alerted["state"] == "running"
+    assert "e2e-late (run e2e-late) is still running past its deadline" in alert["text"]
+    assert f"of {len(ids)} tasks have a result" in alert["text"]
+    assert "llm-batch cancel e2e-late" in alert["text"]

@@ -182,3 +182,26 @@ def test_an_alert_fires_at_forty_percent_failures_and_not_at_five(
     assert (alert is not None) is alerts
     if alert is not None:
         assert "invalid_input" in alert.text and "40%" in alert.text
+
+
+def test_a_late_runs_alert_gives_its_jobs_progress_and_none_once_the_job_ended(
+    store: JobStore,
+    start_simulator: Callable[..., Simulator],
+    make_client: Callable[..., LLMClient],
+) -> None:
+    from llm_batch.deadline import late_run_alert
+
+    seed(store, 30, invalid=frozenset({3}))
+    start = start_job(store, {"filter": {}}, dag_id="d", run_id="late-1", source="manual")
+    process_batch(store, make_client(start_simulator(latency_ms=0)), start.job_id, 0)
+
+    alert = late_run_alert(store, "d", "late-1", "03:00")
+    assert alert is not None and alert.kind == "deadline_missed" and alert.job_id == start.job_id
+    assert "10 of 30 tasks have a result (1 failed, 9 succeeded)." in alert.text
+    assert "invalid_input x1" in alert.text
+
+    not_created = late_run_alert(store, "d", "no-such-run", "03:00")
+    assert not_created is not None and "create_job" in not_created.text
+
+    reconcile_job(store, start.job_id)
+    assert late_run_alert(store, "d", "late-1", "03:00") is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -263,6 +264,39 @@ def test_an_exhausted_batch_is_explained_and_resuming_sends_only_unanswered_task
     assert summary.state == "succeeded" and summary.counts["succeeded"] == 20
     billed = sim.stats(per_task=1)["billed_per_task"]
     assert sorted(billed) == [f"t{i:05d}" for i in range(10, 20)]
+
+
+def test_create_job_run_again_by_the_same_run_keeps_its_job_and_resumes_it_once_closed(
+    store: JobStore,
+    start_simulator: Callable[..., Simulator],
+    make_client: Callable[..., LLMClient],
+) -> None:
+    """A retried create_job, or one an operator cleared after the run ended, makes no new job."""
+    seed(store, 20)
+    clock = iter([datetime(2026, 12, 1, 3, 0, s, tzinfo=UTC) for s in range(0, 60, 7)])
+    first = start_job(
+        store, {"filter": {}}, dag_id="d", run_id="r1", source="manual", now=lambda: next(clock)
+    )
+    retried = start_job(
+        store, {"filter": {}}, dag_id="d", run_id="r1", source="manual", now=lambda: next(clock)
+    )
+    assert retried.job_id == first.job_id and not retried.resumed
+    assert store.jobs.count_documents({}) == 1
+
+    sim = start_simulator(latency_ms=0)
+    process_batch(store, make_client(sim), first.job_id, 0)
+    assert reconcile_job(store, first.job_id).counts == {
+        "succeeded": 10, "failed": 10, "needs_review": 0, "cancelled": 0,
+    }  # fmt: skip
+    cleared = start_job(
+        store, {"filter": {}}, dag_id="d", run_id="r1", source="manual", now=lambda: next(clock)
+    )
+    assert cleared.job_id == first.job_id and cleared.resumed
+    assert store.jobs.count_documents({}) == 1
+    assert store.count_results(first.job_id) == {"succeeded": 10}
+    assert start_job(store, {"filter": {}}, dag_id="d", run_id="r2", source="manual").job_id != (
+        first.job_id
+    )
 
 
 @pytest.mark.parametrize(

@@ -45,9 +45,22 @@ def test_an_unknown_error_type_still_gets_a_next_step() -> None:
     assert alert is not None and "error.type 'weird'" in alert.text
 
 
-def test_deadline_alert_says_how_to_check_and_cancel() -> None:
-    alert = deadline_alert("job-9", "run-9", "2026-11-22T03:00:00Z")
-    assert "past its deadline" in alert.text and "llm-batch cancel" in alert.text
+def test_deadline_alert_gives_the_jobs_progress_and_how_to_check_and_cancel() -> None:
+    job = {"_id": "job-9", "task_count": 100}
+    errors = [{"type": "not_processed", "count": 3, "example": "batch 4 gave up: 503"}]
+    alert = deadline_alert(
+        job, "run-9", "2026-11-22T03:00:00Z", {"succeeded": 40, "failed": 3}, errors
+    )
+    assert alert.kind == "deadline_missed" and alert.job_id == "job-9"
+    assert "past its deadline of 2026-11-22T03:00:00Z" in alert.text
+    assert "43 of 100 tasks have a result (3 failed, 40 succeeded)." in alert.text
+    assert "not_processed x3, e.g. batch 4 gave up: 503" in alert.text
+    assert "llm-batch status job-9" in alert.text and "llm-batch cancel job-9" in alert.text
+
+
+def test_deadline_alert_for_a_run_that_has_no_job_yet_points_at_create_job() -> None:
+    alert = deadline_alert(None, "run-3", "soon", {})
+    assert alert.job_id == "run-3" and "create_job" in alert.text
 
 
 class _Capture(http.server.BaseHTTPRequestHandler):
@@ -85,6 +98,6 @@ def test_notify_logs_always_and_posts_to_a_configured_webhook(
 
 
 def test_an_unreachable_webhook_does_not_raise(caplog: pytest.LogCaptureFixture) -> None:
-    alert = deadline_alert(None, "run-1", "soon")
+    alert = deadline_alert(None, "run-1", "soon", {})
     assert notify(alert, webhook_url="http://127.0.0.1:9/nothing") == ["log"]
     assert "alert webhook failed" in caplog.text

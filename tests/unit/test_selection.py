@@ -81,7 +81,8 @@ def test_no_selection_is_refused_and_says_how_to_select_everything() -> None:
 
 
 def test_ids_and_filter_together_are_refused() -> None:
-    assert "give one of task_ids, filter or retry_of" in refusal({"task_ids": ["a"], "filter": {"x": 1}})
+    both = {"task_ids": ["a"], "filter": {"x": 1}}
+    assert "give one of task_ids, filter or retry_of" in refusal(both)
 
 
 def test_duplicate_task_ids_are_refused() -> None:

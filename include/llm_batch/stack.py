@@ -380,6 +380,7 @@ class Stack:
         self._check_ports_free()
         for directory in (settings.airflow_home, settings.logs_dir):
             directory.mkdir(parents=True, exist_ok=True)
+        write_local_settings(settings.airflow_home)
         started_at = time.monotonic()
         try:
             airflow = self._start("airflow", _airflow_argv(), settings.airflow_environment)
@@ -731,6 +732,20 @@ def check_plugins_folder(folder: Path) -> None:
             f"{ignore_file} (e.g. `llm_hook/`): packages installed with the project need no "
             "plugin loading."
         )
+
+
+LOCAL_SETTINGS = '''"""Written by llm_batch.stack: see llm_batch.preload."""
+
+import llm_batch.preload  # noqa: F401
+'''
+
+
+def write_local_settings(airflow_home: Path) -> Path:
+    """Write the stack's `airflow_local_settings.py` (see `llm_batch.preload`)."""
+    path = airflow_home / "config" / "airflow_local_settings.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(LOCAL_SETTINGS)
+    return path
 
 
 # MongoDB URIs and the `mongo` connection

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -327,3 +328,23 @@ def test_status_of_a_stack_that_never_started_says_how_to_start_it(tmp_path: Pat
     status = Stack(StackSettings(work_dir=tmp_path)).status()
     assert status["running"] is False
     assert "make up" in render_status(status)
+
+
+def test_the_preload_imports_what_a_batch_task_needs_and_nothing_of_airflow(
+    tmp_path: Path,
+) -> None:
+    """Run in a fresh interpreter: Airflow imports it while Airflow itself is half-imported."""
+    from llm_batch.stack import write_local_settings
+
+    settings = write_local_settings(tmp_path)
+    code = (
+        "import sys, runpy; runpy.run_path(sys.argv[1]); "
+        "from llm_batch.preload import MODULES; "
+        "assert all(m in sys.modules for m in MODULES), MODULES; "
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'airflow'], 'airflow imported'"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(settings)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert settings == tmp_path / "config" / "airflow_local_settings.py"

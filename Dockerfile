@@ -12,6 +12,10 @@ COPY pyproject.toml README.md ./
 COPY include ./include
 COPY plugins ./plugins
 RUN pip install --no-cache-dir --no-deps .
+# airflow_local_settings.py imports the batch tasks' modules once per Airflow process, before a
+# worker forks its task processes (llm_batch.preload; docs/performance.md).
+RUN python -c "from pathlib import Path; from llm_batch.stack import write_local_settings; \
+write_local_settings(Path('/opt/airflow'))"
 
 # DAGs and the plugins folder (its .airflowignore keeps the loader off the installed hook package).
 COPY dags /opt/airflow/dags

@@ -520,7 +520,8 @@ def run_benchmark(
                 return run_dag(stack, label, config.JOB_DAG_ID, conf, batches, idle)
 
             progress("warm-up: a small no-op run (first-use costs of the api-server workers)")
-            run_dag(stack, "warmup", NOOP_DAG_ID, {"count": min(batches, pool)}, batches, idle)
+            warmup = min(batches, pool)
+            run_dag(stack, "warmup", NOOP_DAG_ID, {"count": warmup}, warmup, idle)
             progress(f"no-op mapped DAG, {batches} instances")
             noop = run_dag(stack, "noop", NOOP_DAG_ID, {"count": batches}, batches, idle)
             progress("job DAG against a zero-latency simulator (orchestration floor)")

@@ -309,6 +309,7 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
             "wall_time_s": job.get("wall_time_s"),
             "created_at": job.get("timings", {}).get("created_at"),
             "run_id": job.get("run_id"),
+            "triggered_by": job.get("triggered_by") or job.get("source"),
         }
         for job in jobs
     ]
@@ -317,7 +318,7 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_OK
     print(
         f"{'job':<34} {'state':<17} {'source':<10} {'tasks':>5} {'ok':>5} {'failed':>6} "
-        f"{'cost $':>9} {'wall s':>7}  triggered by"
+        f"{'cost $':>9} {'wall s':>7}  {'triggered by':<16} run"
     )
     for row in rows:
         counts = row["counts"] or {}
@@ -326,7 +327,7 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
             f"{row['job_id']:<34} {row['state']:<17} {row['source'] or '':<10} "
             f"{row['tasks'] or 0:>5} {counts.get('succeeded', 0):>5} {counts.get('failed', 0):>6} "
             f"{float(row['cost_usd'] or 0):>9.4f} {wall if wall is not None else '':>7}  "
-            f"{row['run_id']}"
+            f"{row['triggered_by'] or '':<16} {row['run_id']}"
         )
     return EXIT_OK
 

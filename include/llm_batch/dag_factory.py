@@ -176,6 +176,7 @@ def build_job_dag(
                 run_id=dag_run.run_id,
                 # DagRunType is a str Enum whose str() is "DagRunType.MANUAL": store its value.
                 run_type=getattr(dag_run.run_type, "value", str(dag_run.run_type)),
+                triggered_by=getattr(dag_run, "triggering_user_name", None),
                 ti=ti,
             )
 

@@ -43,6 +43,7 @@ def start_job(
     dag_id: str,
     run_id: str,
     source: str,
+    triggered_by: str | None = None,
     now: Callable[[], datetime] = utcnow,
 ) -> JobStart:
     """Validate the request and write the job in one insert, or resume the job it names.
@@ -61,7 +62,7 @@ def start_job(
             # This run created it on an earlier try (e.g. the task died right after the insert).
             return JobStart(existing["_id"], existing["task_count"], existing["batch_count"], False)
         # A job named to resume, or this run's own job again after an operator cleared the run.
-        return _resume(store, existing, run_id=run_id, at=at)
+        return _resume(store, existing, run_id=run_id, at=at, triggered_by=triggered_by)
 
     task_ids = (
         redrive_selection(store, request)
@@ -82,6 +83,8 @@ def start_job(
             "_id": job_id,
             "state": JobState.RUNNING.value,
             "source": source,
+            # The Airflow user who triggered the run; a scheduled run has none: its source says.
+            "triggered_by": triggered_by,
             "task_count": len(task_ids),
             "batch_size": BATCH_SIZE,
             "batch_count": batches,
@@ -152,11 +155,18 @@ def redrive_selection(store: JobStore, request: JobRequest) -> list[Any]:
     return task_ids
 
 
-def _resume(store: JobStore, job: dict[str, Any], *, run_id: str, at: datetime) -> JobStart:
+def _resume(
+    store: JobStore,
+    job: dict[str, Any],
+    *,
+    run_id: str,
+    at: datetime,
+    triggered_by: str | None = None,
+) -> JobStart:
     """Reopen a job: tasks that were never answered become sendable again, answers stay."""
     job_id = job["_id"]
     cleared = store.delete_results(job_id, {"error.type": {"$in": sorted(RESUMABLE_ERROR_TYPES)}})
-    store.reopen_job(job_id, run_id, at)
+    store.reopen_job(job_id, run_id, at, triggered_by)
     log.info(
         "job_id=%s resumed by run_id=%s: %d unanswered tasks reopened", job_id, run_id, cleared
     )

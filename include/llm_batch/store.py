@@ -118,7 +118,9 @@ class JobStore:
             {"$set": {"abort": {"type": error_type, "message": message, "at": at}}},
         )
 
-    def reopen_job(self, job_id: str, run_id: str, at: datetime) -> None:
+    def reopen_job(
+        self, job_id: str, run_id: str, at: datetime, triggered_by: str | None = None
+    ) -> None:
         """Mark a job running again under a new run, clearing any earlier stop."""
         self.jobs.update_one(
             {"_id": job_id},
@@ -128,6 +130,7 @@ class JobStore:
                     "abort": None,
                     "cancel": None,
                     "run_id": run_id,
+                    "triggered_by": triggered_by,
                     "timings.started_at": at,
                     "timings.finished_at": None,
                 },

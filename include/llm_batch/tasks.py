@@ -47,7 +47,13 @@ def open_store(conn_id: str = config.MONGO_CONN_ID) -> Iterator[JobStore]:
 
 
 def create_job(
-    params: Mapping[str, Any], *, dag_id: str, run_id: str, run_type: str, ti: Any
+    params: Mapping[str, Any],
+    *,
+    dag_id: str,
+    run_id: str,
+    run_type: str,
+    ti: Any,
+    triggered_by: str | None = None,
 ) -> dict[str, Any]:
     """Validate the request and create (or resume) its job; refuse bad input without retrying.
 
@@ -63,7 +69,14 @@ def create_job(
         with open_store() as store:
             store.ensure_indexes()
             response_cache(store).ensure_indexes()
-            start = start_job(store, params, dag_id=dag_id, run_id=run_id, source=run_type)
+            start = start_job(
+                store,
+                params,
+                dag_id=dag_id,
+                run_id=run_id,
+                source=run_type,
+                triggered_by=triggered_by,
+            )
     except InvalidJobRequest as exc:
         message = f"job request refused, nothing was sent: {exc}"
         ti.xcom_push(key=REJECTION_XCOM_KEY, value=exc.problems)

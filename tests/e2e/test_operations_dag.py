@@ -115,6 +115,8 @@ def test_a_finished_job_leaves_its_summary_as_the_runs_note(airflow_stack: Any) 
     assert note.startswith("**LLM batch job e2e-note: succeeded**")
     assert "25 (25 succeeded, 0 failed, 0 needs_review, 0 cancelled)" in note
     assert "LLM requests: 3" in note and "llm-batch status e2e-note" in note
+    job = db.jobs.find_one({"_id": "e2e-note"})
+    assert job is not None and job["triggered_by"] == airflow_stack.stack.airflow_username
 
 
 def test_marking_a_running_job_failed_cancels_what_was_not_sent_and_keeps_in_flight_answers(

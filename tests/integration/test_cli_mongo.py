@@ -38,7 +38,9 @@ def test_history_lists_recent_jobs_newest_first(
     cli_env: JobStore, capsys: pytest.CaptureFixture[str]
 ) -> None:
     seed(cli_env, 5)
-    first = start_job(cli_env, {"filter": {}}, dag_id="d", run_id="r1", source="manual").job_id
+    first = start_job(
+        cli_env, {"filter": {}}, dag_id="d", run_id="r1", source="manual", triggered_by="ana"
+    ).job_id
     second = start_job(
         cli_env, {"filter": {}}, dag_id="d", run_id="r2", source="scheduled",
         now=lambda: datetime(2030, 1, 1, tzinfo=UTC),
@@ -48,8 +50,10 @@ def test_history_lists_recent_jobs_newest_first(
     rows = json.loads(capsys.readouterr().out)
     assert [r["job_id"] for r in rows] == [second, first]
     assert rows[0]["source"] == "scheduled"
+    assert [r["triggered_by"] for r in rows] == ["scheduled", "ana"]
     assert cli.main(["history"]) == cli.EXIT_OK
-    assert second in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert second in table and "ana" in table.splitlines()[2]
 
 
 def test_review_lists_the_needs_review_answers(

@@ -25,7 +25,12 @@ import pytest
 
 from llm_batch import config, processes
 from llm_batch.airflow_api import AirflowAPIError, AirflowClient, read_password
-from llm_batch.stack import AIRFLOW_TUNING, PASSWORD_FILE, mongo_connection_fields
+from llm_batch.stack import (
+    AIRFLOW_TUNING,
+    PASSWORD_FILE,
+    mongo_connection_fields,
+    write_local_settings,
+)
 from tests.conftest import REPO_ROOT, Simulator
 from tests.scaleout.worker_identity import WORKER_NAME_ENV
 
@@ -215,6 +220,8 @@ def celery_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryC
     create_database(database)
     flush_redis_db()
     env = airflow_environment(work_dir, database, api_port, broker_url)
+    # As the image does: the workers load the batch tasks' modules before they fork.
+    write_local_settings(work_dir / "airflow")
 
     def start(name: str, argv: list[str], extra_env: Mapping[str, str] | None = None) -> None:
         started[name] = processes.start(

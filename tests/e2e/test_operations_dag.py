@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pymongo
@@ -46,8 +48,7 @@ def test_a_manual_job_started_while_the_nightly_fills_the_pool_finishes_first(
     db = pymongo.MongoClient(airflow_stack.mongo_uri)[airflow_stack.mongo_db_name]
     api = airflow_stack.airflow_api
     sim = airflow_stack.simulator
-    sim.configure(latency_ms=1500, latency_jitter_ms=0)
-    try:
+    with simulator_latency(sim, 1500):
         seed_tasks(db, "night-", 30 * airflow_stack.pool_slots)
         api.trigger_dag_run("llm_batch_nightly", {}, run_id="e2e-nightly")
         nightly_job = wait_for_job(db, "e2e-nightly")
@@ -72,8 +73,6 @@ def test_a_manual_job_started_while_the_nightly_fills_the_pool_finishes_first(
             900,
         )
         assert api.get_dag_run("llm_batch_nightly", "e2e-nightly")["state"] == "success"
-    finally:
-        sim.configure(latency_ms=50)
 
     manual = db.jobs.find_one({"_id": "e2e-prio"})
     nightly = db.jobs.find_one({"_id": nightly_job})
@@ -81,6 +80,16 @@ def test_a_manual_job_started_while_the_nightly_fills_the_pool_finishes_first(
     assert manual["timings"]["finished_at"] < nightly["timings"]["finished_at"]
     assert nightly["source"] == "manual"  # triggered by the test, through the nightly DAG
     assert nightly["task_count"] >= 30 * airflow_stack.pool_slots
+
+
+@contextmanager
+def simulator_latency(sim: Any, latency_ms: float) -> Iterator[None]:
+    """Make every request take `latency_ms` (no jitter), then back to the stack's 50 ms."""
+    sim.configure(latency_ms=latency_ms, latency_jitter_ms=0)
+    try:
+        yield
+    finally:
+        sim.configure(latency_ms=50)
 
 
 def wait_for_job(db: Any, run_id: str, timeout_s: float = 300) -> str:
@@ -129,8 +138,7 @@ def test_marking_a_running_job_failed_cancels_what_was_not_sent_and_keeps_in_fli
     ids = seed_tasks(db, "stop-", 10 * batches)
     before = sim.stats()
     # Shorter than the 5 s Airflow gives a killed task before SIGKILL: in-flight requests finish.
-    sim.configure(latency_ms=2500, latency_jitter_ms=0)
-    try:
+    with simulator_latency(sim, 2500):
         trigger(airflow_stack, {"task_ids": ids, "limit": len(ids), "job_id": "e2e-stop"},
                 "e2e-stop")  # fmt: skip
         wait_until(lambda: db.results.count_documents({"job_id": "e2e-stop"}) >= 20, 300)
@@ -138,8 +146,6 @@ def test_marking_a_running_job_failed_cancels_what_was_not_sent_and_keeps_in_fli
         api.set_dag_run_state(config.JOB_DAG_ID, "e2e-stop", "failed")
         at_stop = sim.stats()
         assert wait_for_run(airflow_stack, "e2e-stop") == "failed"
-    finally:
-        sim.configure(latency_ms=50)
     after = sim.stats()
 
     # Nothing was sent after the stop but what was already in flight (one request per
@@ -181,8 +187,7 @@ def test_a_run_past_its_deadline_alerts_with_the_jobs_progress(airflow_stack: An
     ids = seed_tasks(db, "late-", 10 * airflow_stack.pool_slots)
     sim = airflow_stack.simulator
     # One round of batches that alone outlasts the deadline (the hook's timeout is 30 s).
-    sim.configure(latency_ms=(E2E_DEADLINE_S + 5) * 1000, latency_jitter_ms=0)
-    try:
+    with simulator_latency(sim, (E2E_DEADLINE_S + 5) * 1000):
         trigger(airflow_stack, {"task_ids": ids, "limit": len(ids), "job_id": "e2e-late"},
                 "e2e-late")  # fmt: skip
         alert = airflow_stack.alerts.wait_for(
@@ -191,8 +196,6 @@ def test_a_run_past_its_deadline_alerts_with_the_jobs_progress(airflow_stack: An
         )
         state_when_alerted = airflow_stack.airflow_api.get_dag_run(config.JOB_DAG_ID, "e2e-late")
         assert wait_for_run(airflow_stack, "e2e-late") == "success"
-    finally:
-        sim.configure(latency_ms=50)
     assert state_when_alerted["state"] == "running"
     assert "e2e-late (run e2e-late) is still running past its deadline" in alert["text"]
     assert f"of {len(ids)} tasks have a result" in alert["text"]

@@ -22,7 +22,7 @@ def test_a_succeeded_job_passes() -> None:
 
 
 def test_a_cancelled_job_fails_the_run_and_says_how_to_send_the_rest() -> None:
-    with pytest.raises(AirflowFailException, match="was cancelled.*resume it with job_id=job-1"):
+    with pytest.raises(AirflowFailException, match=r"was cancelled.*resume it with job_id=job-1"):
         report(summary("cancelled", stopped_in_airflow="failed"), JOB)
 
 

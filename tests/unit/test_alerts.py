@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import email
 import http.server
 import json
+import socketserver
 import threading
+from email import policy
 from typing import Any
 
 import pytest
@@ -101,3 +104,77 @@ def test_an_unreachable_webhook_does_not_raise(caplog: pytest.LogCaptureFixture)
     alert = deadline_alert(None, "run-1", "soon", {})
     assert notify(alert, webhook_url="http://127.0.0.1:9/nothing") == ["log"]
     assert "alert webhook failed" in caplog.text
+
+
+class _SMTPSink(socketserver.StreamRequestHandler):
+    """Just enough SMTP (RFC 5321) to take one message: EHLO, MAIL, RCPT, DATA, QUIT."""
+
+    messages: list[dict[str, Any]] = []
+
+    def reply(self, line: str) -> None:
+        self.wfile.write(f"{line}\r\n".encode())
+
+    def handle(self) -> None:
+        envelope: dict[str, Any] = {"to": []}
+        self.reply("220 sink ready")
+        while line := self.rfile.readline().decode().rstrip("\r\n"):
+            verb = line.split(" ", 1)[0].upper()
+            if verb in ("EHLO", "HELO"):
+                self.reply("250 sink")
+            elif verb == "MAIL":
+                envelope["from"] = line.split(":", 1)[1].strip(" <>")
+                self.reply("250 OK")
+            elif verb == "RCPT":
+                envelope["to"].append(line.split(":", 1)[1].strip(" <>"))
+                self.reply("250 OK")
+            elif verb == "DATA":
+                self.reply("354 go on")
+                body = []
+                while (data := self.rfile.readline().decode()) not in (".\r\n", ""):
+                    body.append(data)
+                envelope["message"] = email.message_from_string(
+                    "".join(body), policy=policy.default
+                )
+                _SMTPSink.messages.append(envelope)
+                self.reply("250 queued")
+            elif verb == "QUIT":
+                self.reply("221 bye")
+                return
+            else:
+                self.reply("502 not here")
+
+
+@pytest.fixture
+def smtp_server() -> Any:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _SMTPSink)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _SMTPSink.messages = []
+    yield f"smtp://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_an_alert_is_emailed_when_smtp_and_recipients_are_configured(smtp_server: str) -> None:
+    alert = failure_rate_alert(summary(40), 0.3)
+    assert alert is not None
+    env = {"LLM_BATCH_ALERT_SMTP": smtp_server, "LLM_BATCH_ALERT_EMAIL_TO": "ops@example.com"}
+    assert notify(alert, environ=env) == ["log", "email"]
+    [sent] = _SMTPSink.messages
+    assert sent["to"] == ["ops@example.com"] and sent["from"] == "llm-batch@localhost"
+    assert sent["message"]["Subject"] == "[llm-batch] failure_rate: job job-1"
+    assert sent["message"].get_content().replace("\r\n", "\n").strip() == alert.text
+
+
+def test_a_bad_smtp_setting_is_logged_with_what_to_fix_and_does_not_raise(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    alert = deadline_alert(None, "run-1", "soon", {})
+    env = {"LLM_BATCH_ALERT_SMTP": "mail.example.com:25", "LLM_BATCH_ALERT_EMAIL_TO": "a@b.c"}
+    assert notify(alert, environ=env) == ["log"]
+    assert "LLM_BATCH_ALERT_SMTP must look like smtp://" in caplog.text
+    env["LLM_BATCH_ALERT_SMTP"] = "smtp://bob:s3cret@127.0.0.1:9"
+    assert notify(alert, environ=env) == ["log"]
+    assert "alert e-mail via smtp://bob:***@127.0.0.1:9 failed" in caplog.text
+    assert "s3cret" not in caplog.text

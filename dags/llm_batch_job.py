@@ -26,13 +26,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llm_batch.dag_factory import MANUAL_PRIORITY, build_job_dag, deadline_from_env, job_params
+from llm_batch.orchestration.dag_factory import (
+    MANUAL_PRIORITY,
+    build_job_dag,
+    deadline_from_env,
+)
+from llm_batch.orchestration.params import FORM_LIMIT, job_params
 
 dag = build_job_dag(
     Path(__file__).stem,
     doc_md=__doc__,
     schedule=None,
-    params=job_params(),
+    params=job_params(limit=FORM_LIMIT),
     priority_weight=MANUAL_PRIORITY,
     tags=["llm", "batch"],
     deadline_s=deadline_from_env(),

@@ -15,7 +15,7 @@ import pytest
 import requests
 from pymongo.database import Database
 
-from llm_batch import processes
+from llm_batch_dev.stack import processes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,32 +21,31 @@ from urllib.parse import unquote, urlsplit
 import requests
 
 from llm_batch import config
+from llm_batch.quoting import ALERT_QUOTE_CHARS, quote_untrusted
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FAILURE_RATE = 0.30
-"""A job whose failed share of tasks is above this fires an alert."""
 WEBHOOK_ENV = "LLM_BATCH_ALERT_WEBHOOK"
 SMTP_ENV = "LLM_BATCH_ALERT_SMTP"
 EMAIL_TO_ENV = "LLM_BATCH_ALERT_EMAIL_TO"
 EMAIL_FROM_ENV = "LLM_BATCH_ALERT_EMAIL_FROM"
 DEFAULT_EMAIL_FROM = "llm-batch@localhost"
 
+REDRIVE = "`llm-batch submit --retry-of {job_id}`"
+RESUME = "`llm-batch submit --all --job-id {job_id} --wait`"
 NEXT_STEPS = {
-    "invalid_input": "fix the payloads of the failed tasks, then re-drive them: "
-    "llm-batch redrive {job_id}",
+    "invalid_input": "fix the payloads of the failed tasks, then re-drive them: " + REDRIVE,
     "content_filtered": "the provider's content filter blocked these inputs; review them "
     "(re-driving them unchanged will fail again)",
     "not_processed": "the LLM service kept failing (see llm_calls for status codes); when it is "
-    "healthy, resume the job: llm-batch submit --all --job-id {job_id} --wait",
+    "healthy, resume the job: " + RESUME,
     "job_aborted": "the service refused the connection llm_default (API key, model or URL): "
-    "fix it, then resume: llm-batch submit --all --job-id {job_id} --wait",
-    "too_large": "these inputs exceed the service's request size: shorten them, then re-drive",
+    "fix it, then resume: " + RESUME,
+    "too_large": "these inputs exceed the service's request size: shorten them, then re-drive "
+    "them: " + REDRIVE,
     "task_missing": "task documents were deleted while the job ran: recreate them if needed",
 }
-DEFAULT_NEXT_STEP = (
-    "inspect results with error.type {error_type!r} and re-drive: llm-batch redrive {job_id}"
-)
+DEFAULT_NEXT_STEP = "inspect results with error.type {error_type!r} and re-drive: " + REDRIVE
 
 
 @dataclass(frozen=True)
@@ -74,8 +73,7 @@ def failure_rate_alert(summary: Mapping[str, Any], threshold: float) -> Alert | 
         f"LLM batch job {job_id}: {failed / total:.0%} of {total} tasks failed "
         f"(threshold {threshold:.0%}); counts {dict(summary.get('counts') or {})}.",
     ]
-    for error in top[:3]:
-        lines.append(f"- {error['type']} x{error['count']}, e.g. {error['example']}")
+    lines += [_error_line(error) for error in top[:3]]
     if top:
         main = top[0]["type"]
         step = NEXT_STEPS.get(main, DEFAULT_NEXT_STEP)
@@ -109,7 +107,7 @@ def deadline_alert(
             f" ({', '.join(f'{n} {s}' for s, n in sorted(progress.items()))})." if answered else "."
         ),
     ]
-    lines += [f"- {e['type']} x{e['count']}, e.g. {e['example']}" for e in top_errors[:3]]
+    lines += [_error_line(error) for error in top_errors[:3]]
     lines.append(
         f"Next: `llm-batch status {job_id}` shows progress; if batches wait in the pool "
         f"{config.POOL_NAME}, add slots or let it finish; if it should not finish, "
@@ -117,6 +115,12 @@ def deadline_alert(
         f"with job_id={job_id} sends only what is left."
     )
     return Alert(job_id, "deadline_missed", "\n".join(lines))
+
+
+def _error_line(error: Mapping[str, Any]) -> str:
+    """Return one error of a job for an alert: the provider's words one line, capped, escaped."""
+    example = quote_untrusted(error["example"], ALERT_QUOTE_CHARS, markdown=False)
+    return f"- {error['type']} x{error['count']}, e.g. {example}"
 
 
 def notify(

@@ -19,6 +19,11 @@ def batch_bounds(batch_no: int, batch_size: int = BATCH_SIZE) -> tuple[int, int]
     return start, start + batch_size
 
 
+def batch_of(position: int, batch_size: int = BATCH_SIZE) -> int:
+    """Return the number of the batch holding the task at `position` in the job's task list."""
+    return position // batch_size
+
+
 def split_into_batches(task_ids: Sequence[Any], batch_size: int = BATCH_SIZE) -> list[list[Any]]:
     """Return the task ids in consecutive batches of at most `batch_size`."""
     return [list(task_ids[i : i + batch_size]) for i in range(0, len(task_ids), batch_size)]

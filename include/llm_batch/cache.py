@@ -1,10 +1,18 @@
 """Reuse stored answers: the same question asked again within a set age costs nothing.
 
 A question is (adapter, model, instructions, params, input); its `llm_cache` document
-is `{_id: sha256 of the question as canonical JSON, output, confidence, model, adapter,
-created_at}`. Only successful answers are stored, so a failure is always asked again.
+is `{_id: sha256 of the question as canonical JSON, output, confidence, needs_review, model,
+adapter, created_at}`. Only successful answers are stored, so a failure is always asked again.
 Answers older than `max_age_s` are never used; a TTL index on `created_at` removes them
 (where the server supports TTL indexes; the age check alone keeps lookups right).
+
+Review rule: a stored answer keeps its confidence, and whether the job that got it sent it to
+review (`needs_review`). It answers another job's task only when neither that job's
+`review_below` nor the first job's review routing doubts it, since an answer that a person must
+check is not worth reusing for free; a job with `cache_below_review` on takes those answers
+too, and they go through its review routing like fresh answers (`needs_review` below its
+threshold). A re-drive of needs-review tasks never asks the cache for them: the point of a
+re-drive is a new answer (see `processing`).
 """
 
 from __future__ import annotations
@@ -21,9 +29,6 @@ from pymongo import ASCENDING, UpdateOne
 from pymongo.collection import Collection
 from pymongo.errors import OperationFailure
 
-from llm_batch.batching import result_id
-from llm_batch.models import ResultStatus
-
 log = logging.getLogger(__name__)
 
 Document = dict[str, Any]
@@ -39,6 +44,18 @@ class CachedAnswer:
     output: Any
     confidence: float | None
     model: str | None
+    needs_review: bool = False
+    """The job that got this answer routed it to review (its confidence was below that job's
+    `review_below`)."""
+
+    def doubtful(self, review_below: float | None) -> bool:
+        """Return whether this answer is below `review_below`, or was sent to review before."""
+        return self.needs_review or below_review(self.confidence, review_below)
+
+
+def below_review(confidence: float | None, review_below: float | None) -> bool:
+    """Return whether an answer with `confidence` must be reviewed under `review_below`."""
+    return confidence is not None and review_below is not None and confidence < review_below
 
 
 def answer_scope(completer: object, model: str | None) -> dict[str, str] | None:
@@ -122,10 +139,15 @@ class ResponseCache:
         oldest = self._clock() - timedelta(seconds=self.max_age_s)
         cursor = self.collection.find(
             {"_id": {"$in": wanted}, "created_at": {"$gte": oldest}},
-            {"output": 1, "confidence": 1, "model": 1},
+            {"output": 1, "confidence": 1, "model": 1, "needs_review": 1},
         )
         found = {
-            doc["_id"]: CachedAnswer(doc.get("output"), doc.get("confidence"), doc.get("model"))
+            doc["_id"]: CachedAnswer(
+                doc.get("output"),
+                doc.get("confidence"),
+                doc.get("model"),
+                bool(doc.get("needs_review")),
+            )
             for doc in cursor
         }
         return {task_id: found[key] for task_id, key in keys.items() if key in found}
@@ -147,6 +169,7 @@ class ResponseCache:
             document = {
                 "output": answer.output,
                 "confidence": answer.confidence,
+                "needs_review": answer.needs_review,
                 "model": answer.model,
                 "adapter": scope.get("adapter"),
                 "created_at": now,
@@ -155,25 +178,3 @@ class ResponseCache:
         if ops:
             self.collection.bulk_write(ops, ordered=False)
         return len(ops)
-
-
-def cached_result_document(
-    job_id: str, batch_no: int, task_id: Any, answer: CachedAnswer, at: datetime
-) -> Document:
-    """Return the `results` document of a task answered from the cache: nothing was spent."""
-    return {
-        "_id": result_id(job_id, task_id),
-        "job_id": job_id,
-        "task_id": task_id,
-        "status": ResultStatus.SUCCEEDED.value,
-        "output": answer.output,
-        "confidence": answer.confidence,
-        "error": None,
-        "attempts": 0,
-        "latency_ms": 0,
-        "usage": {"input_tokens": 0, "output_tokens": 0},
-        "model": answer.model,
-        "batch_no": batch_no,
-        "cached": True,
-        "updated_at": at,
-    }

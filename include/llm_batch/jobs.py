@@ -9,19 +9,33 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from llm_batch import documents
+from llm_batch.backlog import backlog_cap, skip_queries
 from llm_batch.batching import batch_count
-from llm_batch.config import BATCH_SIZE
-from llm_batch.estimate import CostEstimate, Prices, estimate_job
-from llm_batch.models import RESUMABLE_ERROR_TYPES, JobRequest, JobState, ResultStatus
+from llm_batch.config import SELECTION_TIMEOUT_S
+from llm_batch.estimate import CostEstimate, estimate_job
+from llm_batch.models import RESUMABLE_ERROR_TYPES, JobState, ResultStatus
 from llm_batch.processing import utcnow
-from llm_batch.selection import InvalidJobRequest, parse_job_request, resolve_selection
+from llm_batch.request import InvalidJobRequest, JobRequest, default_of, parse_job_request
+from llm_batch.selection import count_matching, refuse_colliding_ids, resolve_selection
+from llm_batch.service import DEFAULT_SERVICE, LLMService
 from llm_batch.store import JobStore
 
 log = logging.getLogger(__name__)
 
 
+RESUME_MAY_CHANGE = (
+    "max_cost_usd", "review_below", "alert_failure_rate", "use_cache", "cache_below_review",
+)  # fmt: skip
+"""Params a resume may change (recorded in the job's `history`): what the job may spend and how
+its answers are judged, not the question."""
+RESUME_KEEPS = ("instructions", "model", "llm_params")
+"""Params a resume refuses to change, with the selection: the job's answers so far answer its
+stored question, and a new one would mix answers to two questions in one job."""
+
+
 @dataclass(frozen=True)
-class JobStart:
+class CreatedJob:
     """Which job a run works on and how many batches it has."""
 
     job_id: str
@@ -36,7 +50,7 @@ def new_job_id(dag_id: str, run_id: str, at: datetime) -> str:
     return f"job-{at:%Y%m%d-%H%M%S}-{digest}"
 
 
-def start_job(
+def create_job(
     store: JobStore,
     conf: Mapping[str, Any],
     *,
@@ -45,12 +59,20 @@ def start_job(
     source: str,
     triggered_by: str | None = None,
     now: Callable[[], datetime] = utcnow,
-) -> JobStart:
+    service: LLMService = DEFAULT_SERVICE,
+    selection_timeout_s: float = SELECTION_TIMEOUT_S,
+    run_active: Callable[[str, str], bool] | None = None,
+) -> CreatedJob:
     """Validate the request and write the job in one insert, or resume the job it names.
 
-    Raises `InvalidJobRequest` (nothing written) when the request can't run as given.
+    A resume may change only `RESUME_MAY_CHANGE`, and only of a job whose run has ended: the
+    job's state says so, or `run_active(dag_id, run_id)` (the orchestrator's view of the
+    job's last run) says that run ended without closing it.
+
+    Raises `InvalidJobRequest` (nothing written) when the request can't run as given through
+    `service` (the LLM connection), or its selection takes longer than `selection_timeout_s`.
     """
-    request = parse_job_request(conf)
+    request = checked_request(conf, service)
     at = now()
     existing = (
         store.get_job(request.job_id)
@@ -58,51 +80,50 @@ def start_job(
         else store.job_of_run(dag_id, run_id)
     )
     if existing is not None:
-        if request.job_id is None and not JobState(existing["state"]).is_final:
+        running = not JobState(existing["state"]).is_final
+        if running and (existing.get("dag_id"), existing.get("run_id")) == (dag_id, run_id):
             # This run created it on an earlier try (e.g. the task died right after the insert).
-            return JobStart(existing["_id"], existing["task_count"], existing["batch_count"], False)
+            return CreatedJob(
+                existing["_id"], existing["task_count"], existing["batch_count"], False
+            )
+        if running:
+            _refuse_takeover(existing, run_active)
         # A job named to resume, or this run's own job again after an operator cleared the run.
-        return _resume(store, existing, run_id=run_id, at=at, triggered_by=triggered_by)
+        changes = resume_changes(existing, request)
+        return _resume(
+            store, existing, run_id=run_id, at=at, triggered_by=triggered_by, changes=changes
+        )
 
-    task_ids = (
-        redrive_selection(store, request)
-        if request.retry_of is not None
-        else resolve_selection(store.tasks, request)
-    )
+    task_ids = select_tasks(store, request, timeout_s=selection_timeout_s)
     # A filter may match more than one job takes (the nightly backlog): say what is left.
     left_over = (
-        store.tasks.count_documents(request.filter) - len(task_ids)
+        count_matching(store.tasks, request.filter, timeout_s=selection_timeout_s) - len(task_ids)
         if request.filter is not None
         else 0
     )
     job_id = request.job_id or new_job_id(dag_id, run_id, at)
+    cap = backlog_cap(request.filter)
+    backlog = (
+        {"max_attempts": cap, "skipped": store.count_tasks(skip_queries(cap))}
+        if cap is not None
+        else None
+    )
 
     batches = batch_count(len(task_ids))
     store.insert_job(
-        {
-            "_id": job_id,
-            "state": JobState.RUNNING.value,
-            "source": source,
-            # The Airflow user who triggered the run; a scheduled run has none: its source says.
-            "triggered_by": triggered_by,
-            "task_count": len(task_ids),
-            "batch_size": BATCH_SIZE,
-            "batch_count": batches,
-            "params": request.to_document(),
-            "task_ids": task_ids,
-            "counts": {status.value: 0 for status in ResultStatus},
-            "usage": {"input_tokens": 0, "output_tokens": 0},
-            "cost_usd": 0.0,
-            "requests": 0,
-            "abort": None,
-            "cancel": None,
-            "spent_usd": 0.0,
-            "timings": {"created_at": at, "started_at": at, "finished_at": None},
-            "dag_id": dag_id,
-            "run_id": run_id,
-            "runs": [run_id],
-            "selection_left_over": left_over,
-        }
+        documents.new_job(
+            job_id,
+            task_ids=task_ids,
+            batch_count=batches,
+            params=request.to_document(),
+            source=source,
+            triggered_by=triggered_by,
+            dag_id=dag_id,
+            run_id=run_id,
+            left_over=left_over,
+            backlog=backlog,
+            at=at,
+        )
     )
     log.info(
         "job_id=%s created: tasks=%d batches=%d source=%s run_id=%s; %d more tasks match the "
@@ -114,20 +135,47 @@ def start_job(
         run_id,
         left_over,
     )
-    return JobStart(job_id, len(task_ids), batches, False)
+    return CreatedJob(job_id, len(task_ids), batches, False)
 
 
-def estimate_request(store: JobStore, conf: Mapping[str, Any], prices: Prices) -> CostEstimate:
-    """Validate and resolve the request like `start_job`, and estimate it; write nothing."""
+def estimate_request(
+    store: JobStore,
+    conf: Mapping[str, Any],
+    service: LLMService,
+    *,
+    selection_timeout_s: float = SELECTION_TIMEOUT_S,
+) -> CostEstimate:
+    """Validate and resolve the request like `create_job`, and estimate it; write nothing."""
+    request = checked_request(conf, service)
+    task_ids = select_tasks(store, request, timeout_s=selection_timeout_s)
+    return estimate_job(
+        store,
+        task_ids,
+        instructions=request.instructions,
+        model=request.model,
+        service=service,
+        llm_params=request.llm_params,
+    )
+
+
+def checked_request(conf: Mapping[str, Any], service: LLMService) -> JobRequest:
+    """Return the request `conf` describes, if `service` can send what it asks; no I/O."""
     request = parse_job_request(conf)
+    problems = service.llm_params_problems(request.llm_params)
+    if problems:
+        raise InvalidJobRequest(problems)
+    return request
+
+
+def select_tasks(store: JobStore, request: JobRequest, *, timeout_s: float) -> list[Any]:
+    """Return the ids the request selects, each of which travels under its own wire id."""
     task_ids = (
         redrive_selection(store, request)
         if request.retry_of is not None
-        else resolve_selection(store.tasks, request)
+        else resolve_selection(store.tasks, request, timeout_s=timeout_s)
     )
-    return estimate_job(
-        store, task_ids, instructions=request.instructions, model=request.model, prices=prices
-    )
+    refuse_colliding_ids(task_ids)
+    return task_ids
 
 
 def redrive_selection(store: JobStore, request: JobRequest) -> list[Any]:
@@ -155,6 +203,81 @@ def redrive_selection(store: JobStore, request: JobRequest) -> list[Any]:
     return task_ids
 
 
+def resume_changes(job: Mapping[str, Any], request: JobRequest) -> dict[str, dict[str, Any]]:
+    """Return the params a resume changes, as `{name: {"from", "to"}}`.
+
+    A field left empty or at its default keeps the job's value. Raises `InvalidJobRequest`
+    when the request would change the question (`RESUME_KEEPS`) or the selection.
+    """
+    job_id, stored = job["_id"], job.get("params") or {}
+    problems = [
+        f"{name} cannot change when resuming job {job_id} (it has {stored.get(name)!r}, the "
+        f"request {value!r}): its answers so far answer the job's own {name}, and a new one "
+        "would mix answers to two questions in one job. Leave it empty to resume (the job "
+        "keeps its own), or submit a new job"
+        for name in RESUME_KEEPS
+        if _given(name, value := getattr(request, name)) and value != stored.get(name)
+    ]
+    selection = _changed_selection(stored, request)
+    if selection:
+        problems.append(
+            f"the selection cannot change when resuming job {job_id} ({', '.join(selection)} "
+            f"differ from the job's): it keeps the {job.get('task_count')} tasks it selected. "
+            "Resume with its own selection or with all tasks ({} / --all), or submit a new job "
+            "for other tasks"
+        )
+    if problems:
+        raise InvalidJobRequest(problems)
+    return {
+        name: {"from": stored.get(name, default_of(name)), "to": value}
+        for name in RESUME_MAY_CHANGE
+        if _given(name, value := getattr(request, name))
+        and value != stored.get(name, default_of(name))
+    }
+
+
+def _changed_selection(stored: Mapping[str, Any], request: JobRequest) -> list[str]:
+    """Return the selecting fields the request gives otherwise than the job has them."""
+    changed = []
+    if request.task_ids is not None and list(request.task_ids) != stored.get("task_ids"):
+        changed.append("task_ids")
+    # An empty filter stands for "all of the job's tasks" (the CLI's --all).
+    if request.filter not in (None, {}) and request.filter != stored.get("filter"):
+        changed.append("filter")
+    changed += [
+        name
+        for name in ("retry_of", "include_needs_review", "limit")
+        if _given(name, value := getattr(request, name)) and value != stored.get(name)
+    ]
+    return changed
+
+
+def _given(name: str, value: Any) -> bool:
+    """Return whether a request field was filled in: neither empty nor its default."""
+    return value is not None and value != default_of(name)
+
+
+def _refuse_takeover(job: Mapping[str, Any], run_active: Callable[[str, str], bool] | None) -> None:
+    """Refuse to resume a job whose run still works on it; allow it once that run has ended."""
+    job_id, dag_id, run_id = job["_id"], job.get("dag_id"), job.get("run_id")
+    if run_active is not None and dag_id and run_id and not run_active(dag_id, run_id):
+        log.warning(
+            "job_id=%s is still %s but its run %s has ended without closing it: resuming",
+            job_id,
+            job["state"],
+            run_id,
+        )
+        return
+    raise InvalidJobRequest(
+        [
+            f"job {job_id} is still {job['state']} under run {run_id} of DAG {dag_id}; "
+            "resuming it now would have two runs send the same batches. Wait for that run to "
+            f"end, or stop it first (mark run {run_id} failed in the Airflow UI, or "
+            f"`llm-batch cancel {job_id}`) and resume once it has ended"
+        ]
+    )
+
+
 def _resume(
     store: JobStore,
     job: dict[str, Any],
@@ -162,12 +285,18 @@ def _resume(
     run_id: str,
     at: datetime,
     triggered_by: str | None = None,
-) -> JobStart:
+    changes: Mapping[str, Mapping[str, Any]] | None = None,
+) -> CreatedJob:
     """Reopen a job: tasks that were never answered become sendable again, answers stay."""
     job_id = job["_id"]
     cleared = store.delete_results(job_id, {"error.type": {"$in": sorted(RESUMABLE_ERROR_TYPES)}})
-    store.reopen_job(job_id, run_id, at, triggered_by)
+    store.reopen_job(job_id, run_id, at, triggered_by, changes=changes)
     log.info(
-        "job_id=%s resumed by run_id=%s: %d unanswered tasks reopened", job_id, run_id, cleared
+        "job_id=%s resumed by run_id=%s: %d unanswered tasks reopened; params changed: %s",
+        job_id,
+        run_id,
+        cleared,
+        ", ".join(f"{k} {v['from']!r} -> {v['to']!r}" for k, v in (changes or {}).items())
+        or "none",
     )
-    return JobStart(job_id, job["task_count"], job["batch_count"], True)
+    return CreatedJob(job_id, job["task_count"], job["batch_count"], True)

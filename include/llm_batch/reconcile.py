@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from llm_batch.config import BATCH_SIZE
+from llm_batch.batching import batch_of
+from llm_batch.documents import placeholder_result
 from llm_batch.models import ErrorType, JobState, ResultStatus
-from llm_batch.processing import placeholder_result, utcnow
+from llm_batch.processing import utcnow
 from llm_batch.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ class JobSummary:
     cost_usd: float
     wall_time_s: float | None
     top_errors: list[dict[str, Any]] = field(default_factory=list)
+    backlog_skipped: dict[str, int] | None = None
+    """A backlog job's tasks left out, per reason (`backlog.py`); None for other jobs."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,11 +56,38 @@ def render_summary(job: Mapping[str, Any]) -> str:
     ]
     if job.get("run_id"):
         lines.append(f"  run       {job.get('dag_id')} / {job['run_id']}")
+    skipped = job.get("backlog_skipped") or (job.get("backlog") or {}).get("skipped")
+    if skipped:
+        lines.append(f"  skipped   {skipped_text(skipped)}")
+    if job.get("provider_batch"):
+        lines.append(f"  provider  {provider_batch_line(job['provider_batch'])}")
     lines += [
         f"  error     {e['type']} x{e['count']}: {e['example']}"
         for e in job.get("top_errors") or []
     ]
     return "\n".join(lines)
+
+
+def skipped_text(skipped: Mapping[str, int]) -> str:
+    """Say how many tasks the backlog left out, per reason."""
+    return ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in skipped.items())
+
+
+def provider_batch_line(view: Mapping[str, Any]) -> str:
+    """Say where a job's provider batches stand: status, and each batch's progress."""
+    parts = []
+    for batch in view.get("batches") or []:
+        counts = batch.get("request_counts") or {}
+        parts.append(
+            f"{batch.get('id')} {batch.get('status')} "
+            f"{counts.get('completed', 0)}/{counts.get('total', '?')}"
+        )
+    text = f"batch API {view.get('status')}"
+    if parts:
+        text += f" ({'; '.join(parts)})"
+    if view.get("why"):
+        text += f": {view['why']}"
+    return text
 
 
 def reconcile_job(
@@ -71,6 +101,8 @@ def reconcile_job(
     at = now()
     abort = job.get("abort")
     task_ids: list[Any] = job.get("task_ids") or []
+    # The audit trail, not the running total, says what was spent (a write may have failed).
+    spent = store.job_spend(job_id)
 
     # One read of the results serves both the check and `last_result` (5000 docs: ~0.3 s on
     # the embedded server); they are read again only if placeholders were added.
@@ -82,8 +114,10 @@ def reconcile_job(
         errors = store.batch_errors(job_id)
         placeholders = []
         for position, task_id in unanswered:
-            batch_no = position // BATCH_SIZE
-            status, error_type, message = _why_unanswered(job, batch_no, errors.get(batch_no))
+            batch_no = batch_of(position)
+            status, error_type, message = _why_unanswered(
+                job, batch_no, errors.get(batch_no), spent
+            )
             placeholders.append(
                 placeholder_result(job_id, batch_no, task_id, status, error_type, message, at)
             )
@@ -92,6 +126,8 @@ def reconcile_job(
         results = store.job_results(job_id, projection)
 
     store.set_last_results(results)
+    if job.get("backlog"):
+        store.add_auto_attempt(job_id, [r["task_id"] for r in results if _attempted_and_failed(r)])
     counts = {status.value: 0 for status in ResultStatus}
     for result in results:
         counts[result["status"]] = counts.get(result["status"], 0) + 1
@@ -112,6 +148,7 @@ def reconcile_job(
         cost_usd=totals["cost_usd"],
         wall_time_s=round(wall, 3) if wall is not None else None,
         top_errors=store.top_errors(job_id),
+        backlog_skipped=(job.get("backlog") or {}).get("skipped"),
     )
     store.update_job(
         job_id,
@@ -121,6 +158,7 @@ def reconcile_job(
             "requests": summary.requests,
             "usage": summary.usage,
             "cost_usd": summary.cost_usd,
+            "spent_usd": summary.cost_usd,
             "top_errors": summary.top_errors,
             "timings.finished_at": finished_at,
             "wall_time_s": summary.wall_time_s,
@@ -137,8 +175,18 @@ def reconcile_job(
     return summary
 
 
+def _attempted_and_failed(result: Mapping[str, Any]) -> bool:
+    """Return whether a result counts as an attempt toward the backlog's cap."""
+    error_type = (result.get("error") or {}).get("type")
+    return result["status"] == ResultStatus.FAILED.value and error_type not in NEVER_SENT
+
+
+NEVER_SENT = frozenset({ErrorType.JOB_ABORTED.value, ErrorType.TASK_MISSING.value})
+"""Failures of tasks the service never saw: they do not count toward the backlog's cap."""
+
+
 def _why_unanswered(
-    job: Mapping[str, Any], batch_no: int, batch_error: Mapping[str, Any] | None
+    job: Mapping[str, Any], batch_no: int, batch_error: Mapping[str, Any] | None, spent: float
 ) -> tuple[ResultStatus, str, str]:
     """Return the status, error type and message of a task the service never answered."""
     job_id = job["_id"]
@@ -152,7 +200,7 @@ def _why_unanswered(
             ErrorType.CANCELLED.value,
             f"not sent: the job was cancelled by {cancel.get('by', 'an operator')}",
         )
-    if budget is not None and float(job.get("spent_usd") or 0.0) >= budget:
+    if budget is not None and spent >= budget:
         return (
             ResultStatus.CANCELLED,
             ErrorType.BUDGET_EXHAUSTED.value,

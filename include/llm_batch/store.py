@@ -16,7 +16,8 @@ from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument, UpdateOne
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from llm_batch import config
+from llm_batch import config, documents
+from llm_batch.backlog import ATTEMPTS_FIELD
 from llm_batch.batching import batch_bounds, batch_id, result_id
 from llm_batch.models import FINAL_JOB_STATES, JobState
 
@@ -46,7 +47,11 @@ class BatchWork:
     review_below: float | None = None
     max_cost_usd: float | None = None
     spent_usd: float = 0.0
-    """Cost of the job's billed requests so far (kept on the job document as they happen)."""
+    """Cost of the job's billed requests so far: with a budget, summed from `llm_calls`."""
+    retry_of: str | None = None
+    include_needs_review: bool = False
+    cache_below_review: bool = False
+    """Whether cached answers that need review may answer this job's tasks (see `cache`)."""
 
     @property
     def budget_spent(self) -> bool:
@@ -63,7 +68,6 @@ class JobStore:
         self.batches = db[config.BATCHES]
         self.results = db[config.RESULTS]
         self.llm_calls = db[config.LLM_CALLS]
-        self.billed_keys = db[config.BILLED_KEYS]
 
     def ensure_indexes(self) -> None:
         """Create the indexes the pipeline and analysts' queries need (idempotent)."""
@@ -79,6 +83,9 @@ class JobStore:
             [
                 IndexModel([("job_id", ASCENDING), ("status", ASCENDING)]),
                 IndexModel([("task_id", ASCENDING), ("updated_at", DESCENDING)]),
+                # The review queue: answers waiting, oldest first; decisions, newest first.
+                IndexModel([("status", ASCENDING), ("updated_at", ASCENDING)]),
+                IndexModel([("review.at", DESCENDING)]),
             ]
         )
         self.llm_calls.create_indexes(
@@ -119,9 +126,20 @@ class JobStore:
         )
 
     def reopen_job(
-        self, job_id: str, run_id: str, at: datetime, triggered_by: str | None = None
+        self,
+        job_id: str,
+        run_id: str,
+        at: datetime,
+        triggered_by: str | None = None,
+        *,
+        changes: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
-        """Mark a job running again under a new run, clearing any earlier stop."""
+        """Mark a job running again under a new run, clearing any earlier stop.
+
+        `changes` (`{param: {"from", "to"}}`) are applied to the job's `params`; the resume is
+        added to its `history` with who, when and what changed.
+        """
+        changes = dict(changes or {})
         self.jobs.update_one(
             {"_id": job_id},
             {
@@ -133,17 +151,19 @@ class JobStore:
                     "triggered_by": triggered_by,
                     "timings.started_at": at,
                     "timings.finished_at": None,
+                    **{f"params.{name}": change["to"] for name, change in changes.items()},
                 },
                 "$addToSet": {"runs": run_id},
+                "$push": {"history": documents.resumed(run_id, triggered_by, at, changes)},
             },
         )
 
     def load_batch(self, job_id: str, batch_no: int) -> BatchWork:
-        start, _ = batch_bounds(batch_no)
+        start, stop = batch_bounds(batch_no)
         job = self.jobs.find_one(
             {"_id": job_id},
             {
-                "task_ids": {"$slice": [start, config.BATCH_SIZE]},
+                "task_ids": {"$slice": [start, stop - start]},
                 "params": 1,
                 "abort": 1,
                 "cancel": 1,
@@ -153,6 +173,10 @@ class JobStore:
         if job is None:
             raise LookupError(f"job {job_id!r} does not exist in {self.jobs.full_name}")
         params = job.get("params") or {}
+        budget = params.get("max_cost_usd")
+        # The running total on the job document may lag the audit trail after a failed write;
+        # a budget is held against the trail itself.
+        spent = self.job_spend(job_id) if budget is not None else job.get("spent_usd")
         return BatchWork(
             job_id=job_id,
             batch_no=batch_no,
@@ -164,12 +188,19 @@ class JobStore:
             use_cache=params.get("use_cache", True) is not False,
             cancel=job.get("cancel"),
             review_below=params.get("review_below"),
-            max_cost_usd=params.get("max_cost_usd"),
-            spent_usd=float(job.get("spent_usd") or 0.0),
+            max_cost_usd=budget,
+            spent_usd=float(spent or 0.0),
+            retry_of=params.get("retry_of"),
+            include_needs_review=bool(params.get("include_needs_review")),
+            cache_below_review=bool(params.get("cache_below_review")),
         )
 
     def add_spend(self, job_id: str, cost_usd: float) -> None:
-        """Add a billed request's cost to the job's running total (atomic across workers)."""
+        """Add a billed request's cost to the job's running total, shown while it runs.
+
+        A view only: a failure before it leaves the total short, never the audit trail
+        (`job_spend`), which budgets are held against and `reconcile` copies back.
+        """
         if cost_usd:
             self.jobs.update_one({"_id": job_id}, {"$inc": {"spent_usd": cost_usd}})
 
@@ -189,22 +220,22 @@ class JobStore:
         cursor = self.tasks.find({"_id": {"$in": list(task_ids)}}, {"payload": 1})
         return {doc["_id"]: doc.get("payload") for doc in cursor}
 
+    def count_tasks(self, queries: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
+        """Return, per name, how many tasks match its query."""
+        return {name: self.tasks.count_documents(dict(query)) for name, query in queries.items()}
+
+    def add_auto_attempt(self, job_id: str, task_ids: Sequence[Any]) -> None:
+        """Count a backlog job's attempt on these tasks (once per job, however often re-run)."""
+        for start in range(0, len(task_ids), config.LOOKUP_CHUNK):
+            chunk = list(task_ids[start : start + config.LOOKUP_CHUNK])
+            self.tasks.update_many({"_id": {"$in": chunk}}, {"$addToSet": {ATTEMPTS_FIELD: job_id}})
+
     def set_last_results(self, results: Iterable[Document]) -> int:
         """Copy each result onto its source task as `last_result`."""
         ops = [
             UpdateOne(
                 {"_id": result["task_id"]},
-                {
-                    "$set": {
-                        "last_result": {
-                            "job_id": result["job_id"],
-                            "status": result["status"],
-                            "output": result.get("output"),
-                            "error": result.get("error"),
-                            "finished_at": result["updated_at"],
-                        }
-                    }
-                },
+                {"$set": {"last_result": documents.last_result(result)}},
             )
             for result in results
         ]
@@ -231,10 +262,15 @@ class JobStore:
 
     # results
 
-    def finished_task_ids(self, job_id: str, task_ids: Sequence[Any]) -> set[Any]:
-        """Return which of these tasks already have a result in the job."""
+    def finished_task_ids(
+        self, job_id: str, task_ids: Sequence[Any], status: str | None = None
+    ) -> set[Any]:
+        """Return which of these tasks already have a result in the job (with `status`)."""
         ids = [result_id(job_id, task_id) for task_id in task_ids]
-        cursor = self.results.find({"_id": {"$in": ids}}, {"task_id": 1})
+        query: Document = {"_id": {"$in": ids}}
+        if status is not None:
+            query["status"] = status
+        cursor = self.results.find(query, {"task_id": 1})
         return {doc["task_id"] for doc in cursor}
 
     def save_results(self, results: Sequence[Document]) -> int:
@@ -294,22 +330,33 @@ class JobStore:
 
     # llm_calls
 
-    def record_call(self, call: Document) -> None:
-        self.llm_calls.insert_one(call)
+    def record_call(self, call: Document) -> Document:
+        """Insert one HTTP attempt's record and return it as stored.
 
-    def claim_billing(self, idempotency_key: str | None) -> bool:
-        """Claim the one record that counts an idempotency key's usage; False if taken.
-
-        Atomic across workers: the first insert of the key wins, any later one (a replay, or a
-        racing retry of the same request) gets a duplicate-key error.
+        A billed record is keyed by its idempotency key (`documents.billed_call_id`), so the
+        record that counts a key's usage, cost included, is written in one insert, once: a
+        later record of the same key (a replay, a racing retry, or this very write retried
+        after an error that hid its success) is stored unbilled. Whatever fails, before or
+        after the write, a retry counts the cost exactly once.
         """
-        if idempotency_key is None:
-            return True
-        try:
-            self.billed_keys.insert_one({"_id": idempotency_key})
-        except DuplicateKeyError:
-            return False
-        return True
+        key = call.get("idempotency_key")
+        if call["billed"] and key is not None:
+            try:
+                self.llm_calls.insert_one({"_id": documents.billed_call_id(key), **call})
+                return call
+            except DuplicateKeyError:
+                call = documents.unbilled(call)
+        self.llm_calls.insert_one(dict(call))
+        return call
+
+    def job_spend(self, job_id: str) -> float:
+        """Return the cost of the job's billed requests, summed from its audit trail."""
+        pipeline: list[Document] = [
+            {"$match": {"job_id": job_id, "billed": True}},
+            {"$group": {"_id": None, "cost_usd": {"$sum": "$cost_usd"}}},
+        ]
+        totals = next(iter(self.llm_calls.aggregate(pipeline)), None) or {}
+        return float(totals.get("cost_usd", 0.0))
 
     def call_totals(self, job_id: str) -> Document:
         """Sum the job's audit trail: requests, billed usage and cost."""

@@ -39,7 +39,13 @@ def test_each_file_defines_one_dag_named_after_it_with_its_docstring(
 @pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
 def test_dag_files_import_only_the_sdk_and_light_modules_at_top_level(path: Path) -> None:
     """The file is parsed for every task instance: no DB, hook or HTTP client imports there."""
-    heavy = {"pymongo", "requests", "llm_hook", "airflow.providers", "llm_batch.tasks"}
+    heavy = {
+        "pymongo",
+        "requests",
+        "llm_hook",
+        "airflow.providers",
+        "llm_batch.orchestration.task_bodies",
+    }
     tree = ast.parse(path.read_text())
     for node in tree.body:
         names: list[str] = []
@@ -87,7 +93,7 @@ def test_report_is_the_teardown_that_decides_the_runs_state(dag_bag: DagBag) -> 
 
 @pytest.mark.parametrize("dag_id", [config.JOB_DAG_ID, config.NIGHTLY_DAG_ID])
 def test_a_run_past_its_deadline_calls_the_deadline_alert(dag_bag: DagBag, dag_id: str) -> None:
-    from llm_batch.dag_factory import DEADLINE_CALLBACK
+    from llm_batch.orchestration.dag_factory import DEADLINE_CALLBACK
 
     deadline = dag_bag.dags[dag_id].deadline
     alerts = deadline if isinstance(deadline, list) else [deadline]
@@ -99,7 +105,7 @@ def test_a_run_past_its_deadline_calls_the_deadline_alert(dag_bag: DagBag, dag_i
 
 
 def test_the_deadline_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from llm_batch.dag_factory import deadline_from_env
+    from llm_batch.orchestration.dag_factory import deadline_from_env
 
     monkeypatch.setenv(config.DEADLINE_ENV, "90")
     assert deadline_from_env() == 90
@@ -114,25 +120,32 @@ def test_the_deadline_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch
 def test_job_dag_is_shaped_as_designed(dag_bag: DagBag) -> None:
     dag = dag_bag.dags[config.JOB_DAG_ID]
     assert dag.get_task("create_job").downstream_task_ids == {
+        "deliver_provider_batch",
         "plan_batches",
         "process_batch",
         "reconcile_job",
         "report",
     }
+    assert dag.get_task("deliver_provider_batch").downstream_task_ids == {"plan_batches"}
+    assert dag.get_task("deliver_provider_batch").pool != config.POOL_NAME
     assert dag.get_task("plan_batches").downstream_task_ids == {"process_batch"}
     assert dag.get_task("reconcile_job").downstream_task_ids == {"report"}
     assert dag.schedule is None or str(dag.timetable.summary) == "None"
 
 
 def test_form_params_are_exactly_what_the_job_request_accepts(dag_bag: DagBag) -> None:
-    from llm_batch.selection import REQUEST_KEYS
+    from llm_batch.request import REQUEST_KEYS
 
     params = dag_bag.dags[config.JOB_DAG_ID].params
     assert set(params.keys()) == set(REQUEST_KEYS)
     for name in params:
         param = params.get_param(name)
         assert param.schema.get("title") and param.description, name
-    assert params.get_param("limit").schema["maximum"] == config.MAX_TASKS_PER_JOB
+    # The operator's form starts at a trial-sized job, the nightly at a full one.
+    assert params["limit"] == 100
+    assert params.get_param("limit").schema["allOf"] == [
+        {"minimum": 1, "maximum": config.MAX_TASKS_PER_JOB}
+    ]
 
 
 def test_operator_jobs_outrank_the_nightly_run_in_the_pool(dag_bag: DagBag) -> None:
@@ -146,7 +159,13 @@ def test_operator_jobs_outrank_the_nightly_run_in_the_pool(dag_bag: DagBag) -> N
 def test_nightly_runs_at_two_utc_over_the_backlog(dag_bag: DagBag) -> None:
     nightly = dag_bag.dags["llm_batch_nightly"]
     assert nightly.schedule == "0 2 * * *"
-    assert nightly.params["filter"] == {"last_result.status": {"$ne": "succeeded"}}
+    assert nightly.params["filter"] == {
+        "last_result.status": {"$nin": ["succeeded", "needs_review"]},
+        "last_result.error.type": {
+            "$nin": ["content_filtered", "invalid_input", "output_too_large", "too_large"]
+        },
+        "auto_attempts.2": {"$exists": False},
+    }
     assert nightly.params["limit"] == config.MAX_TASKS_PER_JOB
     manual = dag_bag.dags[config.JOB_DAG_ID]
     assert [t.task_id for t in nightly.tasks] == [t.task_id for t in manual.tasks]

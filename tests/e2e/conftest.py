@@ -5,6 +5,13 @@ plugins and a small pool (`LLM_BATCH_TEST_POOL_SLOTS`, default 8). Its alerts go
 served by the test session (`AlertSink`), and its runs' deadline is short
 (`E2E_DEADLINE_S`), so a test can see a deadline alert fire. It always comes down at the end,
 and the session fails if anything it started is still running.
+
+Every test that uses the stack also fails if a task instance stayed `running` after its
+supervisor exited while it ran (a lost final state: `llm_batch_dev.stack.lost_states`).
+
+Work dirs are made under the system's temp dir, not pytest's: run as root, the stack's
+PostgreSQL runs as an unprivileged user, which must be able to enter the work dir's parents
+(pytest's base temp dir is private to its user).
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,9 +30,11 @@ from typing import Any
 
 import pytest
 
-from llm_batch import processes
-from llm_batch.airflow_api import AirflowClient
-from llm_batch.stack import Stack, StackError, StackSettings
+from llm_batch.cli.airflow_client import AirflowClient
+from llm_batch_dev.stack import processes
+from llm_batch_dev.stack.errors import StackError
+from llm_batch_dev.stack.launcher import Stack
+from llm_batch_dev.stack.settings import StackSettings
 from tests.conftest import Simulator
 
 DEFAULT_TEST_POOL_SLOTS = 8
@@ -106,16 +117,29 @@ class AirflowStack:
         }
 
 
+def stack_work_dir(prefix: str) -> Path:
+    """A fresh work dir the stack's PostgreSQL can reach (see the module docstring)."""
+    return Path(tempfile.mkdtemp(prefix=f"llm-batch-{prefix}-"))
+
+
+@pytest.fixture
+def work_dir() -> Iterator[Path]:
+    """A fresh work dir for a stack of a test's own; removed afterwards."""
+    path = stack_work_dir("test")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def configured_pool_slots() -> int:
     raw = os.environ.get("LLM_BATCH_TEST_POOL_SLOTS", str(DEFAULT_TEST_POOL_SLOTS))
     return int(raw)
 
 
 @pytest.fixture(scope="session")
-def airflow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowStack]:
+def airflow_stack() -> Iterator[AirflowStack]:
     """A running stack; a failed start fails the tests that use it, with Airflow's log tail."""
     slots = configured_pool_slots()
-    work_dir = tmp_path_factory.mktemp("stack")
+    work_dir = stack_work_dir("e2e")
     alerts = AlertSink()
     stack = Stack(
         StackSettings.on_free_ports(
@@ -140,5 +164,33 @@ def airflow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowS
     finally:
         stack.down()
         alerts.close()
-    leftovers = [proc.pid for proc in processes.snapshot() if proc.cwd == str(work_dir)]
+    leftovers = [proc.pid for proc in processes.snapshot() if processes.within(proc.cwd, work_dir)]
     assert not leftovers, f"stack processes still running after down: {leftovers}"
+    shutil.rmtree(work_dir, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def no_lost_final_state(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test on the stack if an instance stayed `running` after its supervisor exited."""
+    if "airflow_stack" not in request.fixturenames:
+        yield
+        return
+    if request.node.get_closest_marker("kills_task_processes"):
+        # A SIGKILLed task process is exactly an instance whose supervisor never reported.
+        yield
+        return
+    stack: Stack = request.getfixturevalue("airflow_stack").stack
+    mark = stack.audit_mark()
+    yield
+    # "Said queued": a deferred task's trigger fired and re-queued it before the scheduler
+    # read the executor's report of the defer exit; Airflow fails and retries that try at once
+    # (no heartbeat-timeout wait), and every retry here skips what is answered.
+    lost = [
+        found
+        for found in stack.lost_final_states(since=mark)
+        if "said queued" not in found.evidence
+    ]
+    assert not lost, (
+        f"{len(lost)} task instance(s) stayed running after their supervisor exited (the job "
+        "then waits for the heartbeat timeout):\n" + "\n".join(map(str, lost))
+    )

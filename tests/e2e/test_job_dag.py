@@ -15,7 +15,7 @@ import pymongo
 import pytest
 
 from llm_batch import config
-from llm_batch.simulator import expected_output
+from llm_batch_dev.simulator import expected_output
 
 pytestmark = pytest.mark.e2e
 
@@ -121,6 +121,7 @@ def test_a_1000_task_job_with_faults_completes_exactly_once_within_the_pool(
     assert {ti["pool"] for ti in instances} == {config.POOL_NAME}
 
 
+@pytest.mark.kills_task_processes
 def test_killing_a_running_batch_task_loses_nothing_and_resends_nothing_answered(
     airflow_stack: Any,
 ) -> None:
@@ -129,15 +130,20 @@ def test_killing_a_running_batch_task_loses_nothing_and_resends_nothing_answered
     sim.reset()
     sim.configure(latency_ms=2500, latency_jitter_ms=0, seed=1)
     task_ids = seed_tasks(db, "kill-", 40)
-    run_id = trigger(
-        airflow_stack, {"task_ids": task_ids, "limit": 40, "job_id": "e2e-kill"}, "e2e-kill"
-    )
-
-    victim = wait_for_running_batch(db, "e2e-kill")
-    answered_before = {r["task_id"] for r in db.results.find({"job_id": "e2e-kill"})}
-    os.kill(victim["worker"]["pid"], signal.SIGKILL)
-    sim.configure(latency_ms=100)
-    assert wait_for_run(airflow_stack, run_id) == "success"
+    # The batch must run in a worker process to be killed there (deferred: tests/e2e/
+    # test_deferred_job.py kills the triggerer).
+    airflow_stack.stack.set_llm_extra(execution_mode="sync")
+    try:
+        run_id = trigger(
+            airflow_stack, {"task_ids": task_ids, "limit": 40, "job_id": "e2e-kill"}, "e2e-kill"
+        )
+        victim = wait_for_running_batch(db, "e2e-kill")
+        answered_before = {r["task_id"] for r in db.results.find({"job_id": "e2e-kill"})}
+        os.kill(victim["worker"]["pid"], signal.SIGKILL)
+        sim.configure(latency_ms=100)
+        assert wait_for_run(airflow_stack, run_id) == "success"
+    finally:
+        airflow_stack.stack.set_llm_extra()
 
     stats = sim.stats(per_task=1)
     check_job_in_mongo(db, "e2e-kill", task_ids, stats)
@@ -208,7 +214,7 @@ def test_the_cli_refuses_bad_input_before_triggering_and_runs_a_good_job(
     db = pymongo.MongoClient(airflow_stack.mongo_uri)[airflow_stack.mongo_db_name]
     seed_tasks(db, "cli-", 25)
     env = {**os.environ, **airflow_stack.cli_env}
-    cli = [sys.executable, "-m", "llm_batch.cli"]
+    cli = [sys.executable, "-m", "llm_batch.cli.commands"]
 
     refused = subprocess.run(
         [*cli, "submit", "--all", "--limit", "5001"],

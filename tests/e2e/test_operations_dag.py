@@ -27,7 +27,7 @@ def test_a_dry_run_estimates_and_sends_nothing(airflow_stack: Any) -> None:
     jobs_before = db.jobs.count_documents({})
     requests_before = airflow_stack.simulator.stats()["requests_total"]
     done = subprocess.run(
-        [sys.executable, "-m", "llm_batch.cli", "submit", "--task-ids", ",".join(ids),
+        [sys.executable, "-m", "llm_batch.cli.commands", "submit", "--task-ids", ",".join(ids),
          "--dry-run", "--json"],
         env={**os.environ, **airflow_stack.cli_env},
         capture_output=True,
@@ -78,7 +78,7 @@ def test_a_manual_job_started_while_the_nightly_fills_the_pool_finishes_first(
     nightly = db.jobs.find_one({"_id": nightly_job})
     assert manual is not None and nightly is not None
     assert manual["timings"]["finished_at"] < nightly["timings"]["finished_at"]
-    assert nightly["source"] == "manual"  # triggered by the test, through the nightly DAG
+    assert nightly["source"] == "api"  # triggered by the test with a run id of its own
     assert nightly["task_count"] >= 30 * airflow_stack.pool_slots
 
 
@@ -121,8 +121,8 @@ def test_a_finished_job_leaves_its_summary_as_the_runs_note(airflow_stack: Any) 
 
     note = airflow_stack.airflow_api.get_dag_run(config.JOB_DAG_ID, "e2e-note")["note"]
     assert note, "the run has no note"
-    assert note.startswith("**LLM batch job e2e-note: succeeded**")
-    assert "25 (25 succeeded, 0 failed, 0 needs_review, 0 cancelled)" in note
+    assert note.startswith("**LLM batch job e2e-note: succeeded, 25 of 25 answered, $")
+    assert "- tasks: 25 (" in note and "25 succeeded" in note and "0 failed" in note
     assert "LLM requests: 3" in note and "llm-batch status e2e-note" in note
     job = db.jobs.find_one({"_id": "e2e-note"})
     assert job is not None and job["triggered_by"] == airflow_stack.stack.airflow_username

@@ -15,13 +15,14 @@ from typing import Any
 import pytest
 import requests
 
-from llm_batch import config, processes
-from llm_batch.airflow_api import AirflowAPIError, AirflowClient
+from llm_batch import config
+from llm_batch.cli.airflow_client import AirflowAPIError, AirflowClient
+from llm_batch_dev.stack import processes
 from tests.e2e.conftest import AirflowStack
 
 pytestmark = pytest.mark.e2e
 
-STACK_CLI = [sys.executable, "-m", "llm_batch.stack"]
+STACK_CLI = [sys.executable, "-m", "llm_batch_dev.stack"]
 
 
 def test_airflow_reports_a_healthy_scheduler_and_dag_processor(
@@ -49,6 +50,42 @@ def test_the_ui_answers_and_accepts_only_the_generated_login(airflow_stack: Airf
     assert refused.status_code == 401
 
 
+def test_the_work_dir_and_every_secret_in_it_are_private_to_the_user(
+    airflow_stack: AirflowStack,
+) -> None:
+    work_dir = airflow_stack.work_dir
+    # 0700; run as root 0710 with the group of the PostgreSQL server's user, which may enter.
+    assert work_dir.stat().st_mode & 0o067 == 0, oct(work_dir.stat().st_mode)
+    secrets = [
+        work_dir / "stack.json",
+        work_dir / "simulator-api-key",
+        airflow_stack.stack.settings.password_file,
+        airflow_stack.stack.settings.airflow_home / "airflow.cfg",
+    ]
+    for secret in secrets:
+        assert secret.stat().st_mode & 0o077 == 0, f"{secret}: {oct(secret.stat().st_mode)}"
+
+
+def test_the_metadata_db_is_the_stacks_own_postgresql_on_a_socket_only(
+    airflow_stack: AirflowStack,
+) -> None:
+    import psycopg2
+
+    stack = airflow_stack.stack
+    assert stack.metadata_db_url.startswith("postgresql+psycopg2://")
+    postgres = stack.settings.postgres
+    with psycopg2.connect(postgres.dsn()) as connection, connection.cursor() as cursor:
+        cursor.execute("SHOW listen_addresses")
+        assert cursor.fetchone() == ("",), "no TCP port: the socket only"
+        cursor.execute("SHOW max_connections")
+        row = cursor.fetchone()
+        assert row is not None and int(row[0]) >= 100
+        cursor.execute("SELECT count(*) FROM dag")
+        assert cursor.fetchone() is not None
+    assert (postgres.data_dir / "PG_VERSION").exists()
+    assert postgres.socket_dir.stat().st_mode & 0o077 == 0
+
+
 def test_the_state_file_points_clients_at_the_stack(airflow_stack: AirflowStack) -> None:
     path = airflow_stack.work_dir / "stack.json"
     state = json.loads(path.read_text())
@@ -66,12 +103,13 @@ def test_the_state_file_points_clients_at_the_stack(airflow_stack: AirflowStack)
     assert "no_such_dag" in missing.value.detail
 
 
-def test_the_pool_has_the_configured_slots_and_ignores_deferred_tasks(
+def test_the_pool_has_the_configured_slots_and_counts_deferred_batches(
     airflow_stack: AirflowStack,
 ) -> None:
     pool = airflow_stack.airflow_api.get_pool(config.POOL_NAME)
     assert pool["slots"] == airflow_stack.pool_slots
-    assert pool["include_deferred"] is False
+    # A deferred batch waits on its request in the triggerer: it must keep its slot.
+    assert pool["include_deferred"] is True
 
 
 def test_the_connections_have_the_types_and_fields_the_hooks_read(
@@ -162,8 +200,7 @@ def session_members(sessions: set[int]) -> list[int]:
     return [p.pid for p in processes.snapshot() if p.sid in sessions and not p.zombie]
 
 
-def test_up_twice_reuses_the_stack_and_down_leaves_no_process_behind(tmp_path: Path) -> None:
-    work_dir = tmp_path / "work"
+def test_up_twice_reuses_the_stack_and_down_leaves_no_process_behind(work_dir: Path) -> None:
     env = stack_env(work_dir)
 
     up = run_stack("up", env)
@@ -171,7 +208,7 @@ def test_up_twice_reuses_the_stack_and_down_leaves_no_process_behind(tmp_path: P
     assert "login     admin / " in up.stdout
     state: dict[str, Any] = json.loads((work_dir / "stack.json").read_text())
     pids = {name: record["pid"] for name, record in state["processes"].items()}
-    assert set(pids) == {"airflow", "mongo", "simulator"}
+    assert set(pids) == {"postgres", "airflow", "mongo", "simulator"}
 
     started = time.monotonic()
     again = run_stack("up", env)
@@ -193,7 +230,7 @@ def test_up_twice_reuses_the_stack_and_down_leaves_no_process_behind(tmp_path: P
     down = run_stack("down", env, timeout_s=120)
     assert down.returncode == 0, down.stderr[-3000:]
     assert session_members(sessions) == []
-    assert [p.pid for p in processes.snapshot() if p.cwd == str(work_dir)] == []
+    assert [p.pid for p in processes.snapshot() if processes.within(p.cwd, work_dir)] == []
     for name in PORT_VARIABLES:
         assert not processes.port_open("127.0.0.1", int(env[f"LLM_BATCH_{name}"]))
     assert not (work_dir / "stack.json").exists()

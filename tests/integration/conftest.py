@@ -31,6 +31,7 @@ def make_client() -> Iterator[Callable[..., LLMClient]]:
         settings: dict[str, Any] = {
             "base_url": sim.url,
             "api_key": api_key or sim.api_key,
+            "model": "sim-small",
             "timeout_s": 2.0,
             "connect_timeout_s": 1.0,
             "backoff_base_s": 0.01,

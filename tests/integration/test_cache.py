@@ -14,11 +14,11 @@ from pymongo.database import Database
 from llm_batch import config
 from llm_batch.batching import batch_count
 from llm_batch.cache import ResponseCache
-from llm_batch.jobs import start_job
+from llm_batch.jobs import create_job
 from llm_batch.processing import process_batch
 from llm_batch.reconcile import reconcile_job
-from llm_batch.simulator import expected_output
 from llm_batch.store import JobStore
+from llm_batch_dev.simulator import expected_output
 from llm_hook import ClientSettings, LLMClient
 from tests.conftest import Simulator
 from tests.integration.test_pipeline import seed
@@ -50,6 +50,7 @@ def client(start_simulator: StartSimulator) -> Iterator[tuple[Simulator, LLMClie
     settings = ClientSettings(
         base_url=sim.url,
         api_key=sim.api_key,
+        model="sim-small",
         backoff_base_s=0.01,
         backoff_max_s=0.05,
         price_input_per_1k=1.0,
@@ -63,7 +64,7 @@ def client(start_simulator: StartSimulator) -> Iterator[tuple[Simulator, LLMClie
 def run(
     store: JobStore, llm: LLMClient, cache: ResponseCache | None, run_id: str, **conf: Any
 ) -> str:
-    start = start_job(
+    start = create_job(
         store,
         {"filter": {}, "instructions": INSTRUCTIONS, **conf},
         dag_id="d",
@@ -181,14 +182,14 @@ def test_another_model_or_other_instructions_are_another_question(
     assert sim.stats()["tasks_billed"] - before == 30
 
 
-def test_run_batch_wires_the_shared_limiter_and_the_cache(
+def test_process_batch_wires_the_shared_limiter_and_the_cache(
     store: JobStore,
     mongo_uri: str,
     start_simulator: StartSimulator,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The DAG's task body, with its connections from the environment as Airflow gives them."""
-    from llm_batch.tasks import response_cache, run_batch
+    from llm_batch.orchestration import task_bodies
 
     sim = start_simulator(latency_ms=0)
     mongo_host = mongo_uri.removeprefix("mongodb://")
@@ -200,20 +201,95 @@ def test_run_batch_wires_the_shared_limiter_and_the_cache(
                 "conn_type": "llm_batch",
                 "host": sim.url,
                 "password": sim.api_key,
-                "extra": {"rpm": 600},
+                "extra": {"model": "sim-small", "rpm": 600},
             }
         ),
     )
     seed(store, 20)
-    response_cache(store).ensure_indexes()
-    first = start_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
-    second = start_job(store, {"filter": {}}, dag_id="d", run_id="r2", source="manual")
+    task_bodies.response_cache(store).ensure_indexes()
+    first = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
+    second = create_job(store, {"filter": {}}, dag_id="d", run_id="r2", source="manual")
 
-    reports = [run_batch(first.job_id, n, try_number=1) for n in (0, 1)]
-    reports += [run_batch(second.job_id, n, try_number=1) for n in (0, 1)]
+    reports = [task_bodies.process_batch(first.job_id, n, try_number=1) for n in (0, 1)]
+    reports += [task_bodies.process_batch(second.job_id, n, try_number=1) for n in (0, 1)]
 
     assert [r["sent"] for r in reports] == [10, 10, 0, 0]
     assert [r["cached"] for r in reports] == [0, 0, 10, 10]
     assert sim.stats()["tasks_billed"] == 20
     endpoint = store.db[config.LLM_ENDPOINTS].find_one({"_id": sim.url})
     assert endpoint is not None and endpoint["state"] == "active" and endpoint["request_tat"] > 0
+
+
+def billed_again(sim: Simulator, before: dict[str, int]) -> set[str]:
+    billed = sim.stats(per_task=1)["billed_per_task"]
+    return {task_id for task_id, n in billed.items() if n > before.get(task_id, 0)}
+
+
+def test_redriving_needs_review_tasks_asks_the_llm_again_instead_of_the_cache(
+    store: JobStore, cache: ResponseCache, client: tuple[Simulator, LLMClient]
+) -> None:
+    sim, llm = client
+    seed(store, 40)
+    first = run(store, llm, cache, "r1", review_below=0.75)
+    doubtful = {
+        d["task_id"] for d in store.results.find({"job_id": first, "status": "needs_review"})
+    }
+    assert doubtful, "the simulator's confidences span 0.5..1; some must fall below 0.75"
+    before = sim.stats(per_task=1)["billed_per_task"]
+
+    redrive = run(
+        store, llm, cache, "r2", filter=None, retry_of=first, include_needs_review=True,
+        review_below=0.75,
+    )  # fmt: skip
+
+    assert billed_again(sim, before) == doubtful
+    answers = list(store.results.find({"job_id": redrive}))
+    assert {a["task_id"] for a in answers} == doubtful
+    assert not any(a.get("cached") for a in answers)
+    assert {a["status"] for a in answers} == {"needs_review"}, "still doubtful: still reviewed"
+
+
+def test_a_cached_answer_below_the_review_threshold_is_asked_again_or_reviewed_when_allowed(
+    store: JobStore, cache: ResponseCache, client: tuple[Simulator, LLMClient]
+) -> None:
+    sim, llm = client
+    seed(store, 40)
+    first = run(store, llm, cache, "r1")
+    confidences = {d["task_id"]: d["confidence"] for d in store.results.find({"job_id": first})}
+    low = {task_id for task_id, c in confidences.items() if c < 0.75}
+    assert low and len(low) < 40
+    before = sim.stats(per_task=1)["billed_per_task"]
+
+    strict = run(store, llm, cache, "r2", review_below=0.75)
+
+    assert billed_again(sim, before) == low, "only the doubtful answers are asked again"
+    strict_results = {d["task_id"]: d for d in store.results.find({"job_id": strict})}
+    assert {t for t, d in strict_results.items() if d.get("cached")} == set(confidences) - low
+    assert {strict_results[t]["status"] for t in low} == {"needs_review"}
+    before = sim.stats(per_task=1)["billed_per_task"]
+
+    lenient = run(store, llm, cache, "r3", review_below=0.75, cache_below_review=True)
+
+    assert billed_again(sim, before) == set()
+    lenient_results = {d["task_id"]: d for d in store.results.find({"job_id": lenient})}
+    assert all(d["cached"] for d in lenient_results.values())
+    assert {t for t, d in lenient_results.items() if d["status"] == "needs_review"} == low
+    assert all(lenient_results[t]["confidence"] == confidences[t] for t in confidences)
+
+
+def test_an_answer_its_job_sent_to_review_is_not_reused_by_a_job_without_a_threshold(
+    store: JobStore, cache: ResponseCache, client: tuple[Simulator, LLMClient]
+) -> None:
+    sim, llm = client
+    seed(store, 40)
+    first = run(store, llm, cache, "r1", review_below=0.75)
+    doubtful = {
+        d["task_id"] for d in store.results.find({"job_id": first, "status": "needs_review"})
+    }
+    before = sim.stats(per_task=1)["billed_per_task"]
+
+    second = run(store, llm, cache, "r2")
+
+    assert billed_again(sim, before) == doubtful
+    cached = {d["task_id"] for d in store.results.find({"job_id": second, "cached": True})}
+    assert cached == {f"t{i:05d}" for i in range(40)} - doubtful

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from llm_batch import cli
-from llm_batch.jobs import start_job
+from llm_batch.cli import commands as cli
+from llm_batch.jobs import create_job
 from llm_batch.store import JobStore
 from tests.integration.test_pipeline import seed
 
@@ -25,7 +25,7 @@ def test_cancel_flags_a_running_job_once_and_refuses_an_unknown_one(
     cli_env: JobStore, capsys: pytest.CaptureFixture[str]
 ) -> None:
     seed(cli_env, 12)
-    job_id = start_job(cli_env, {"filter": {}}, dag_id="d", run_id="r", source="manual").job_id
+    job_id = create_job(cli_env, {"filter": {}}, dag_id="d", run_id="r", source="manual").job_id
 
     assert cli.main(["cancel", job_id]) == cli.EXIT_OK
     job = cli_env.get_job(job_id)
@@ -38,10 +38,10 @@ def test_history_lists_recent_jobs_newest_first(
     cli_env: JobStore, capsys: pytest.CaptureFixture[str]
 ) -> None:
     seed(cli_env, 5)
-    first = start_job(
+    first = create_job(
         cli_env, {"filter": {}}, dag_id="d", run_id="r1", source="manual", triggered_by="ana"
     ).job_id
-    second = start_job(
+    second = create_job(
         cli_env, {"filter": {}}, dag_id="d", run_id="r2", source="scheduled",
         now=lambda: datetime(2030, 1, 1, tzinfo=UTC),
     ).job_id  # fmt: skip
@@ -52,13 +52,24 @@ def test_history_lists_recent_jobs_newest_first(
     assert rows[0]["source"] == "scheduled"
     assert [r["triggered_by"] for r in rows] == ["scheduled", "ana"]
     assert cli.main(["history"]) == cli.EXIT_OK
-    table = capsys.readouterr().out
-    assert second in table and "ana" in table.splitlines()[2]
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["created", "(UTC)", "job", "state"]
+    assert "review" in table[0].split()
+    assert table[1].startswith("2030-01-01 00:00") and second in table[1]
+    assert "ana" in table[2]
+
+
+def test_review_of_an_unknown_job_is_an_error_not_an_empty_list(
+    cli_env: JobStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["review", "NO_SUCH_JOB"]) == cli.EXIT_JOB_NOT_OK
+    assert "no job 'NO_SUCH_JOB'" in capsys.readouterr().err
 
 
 def test_review_lists_the_needs_review_answers(
     cli_env: JobStore, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    cli_env.jobs.insert_one({"_id": "j", "state": "succeeded"})
     cli_env.results.insert_many(
         [
             {

@@ -14,14 +14,14 @@ import pytest
 from pymongo.database import Database
 
 from llm_batch.batching import batch_count
-from llm_batch.jobs import start_job
+from llm_batch.jobs import create_job
+from llm_batch.limiter_store import mongo_rate_limiter
 from llm_batch.processing import BatchIncomplete, process_batch
-from llm_batch.ratelimit import mongo_rate_limiter
 from llm_batch.reconcile import reconcile_job
-from llm_batch.simulator import expected_output
 from llm_batch.store import JobStore
+from llm_batch_dev.simulator import expected_output
 from llm_hook import ClientSettings, LLMClient, LLMHook
-from llm_hook.ratelimit import EndpointState
+from llm_hook.pacing import EndpointState
 from llm_hook.settings import EndpointSettings
 from tests.conftest import Simulator
 from tests.integration.test_pipeline import seed
@@ -82,9 +82,10 @@ def test_a_job_survives_one_of_two_endpoints_dying_midway_and_moves_to_the_live_
     live = start_simulator(latency_ms=20)
     doomed = start_simulator(latency_ms=20)
     seed(store, 2000)
-    start = start_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
+    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
     settings = ClientSettings(
         api_key=live.api_key,
+        model="sim-small",
         endpoints=(EndpointSettings(live.url), EndpointSettings(doomed.url)),
         timeout_s=2.0,
         connect_timeout_s=1.0,
@@ -170,7 +171,7 @@ def test_an_endpoint_added_to_the_connection_serves_the_next_batch_without_a_res
     first = start_simulator(latency_ms=0)
     added = start_simulator(latency_ms=0)
     seed(store, 100)
-    start = start_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
+    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
 
     def connect(endpoints: list[dict[str, Any]]) -> None:
         monkeypatch.setenv(
@@ -179,7 +180,7 @@ def test_an_endpoint_added_to_the_connection_serves_the_next_batch_without_a_res
                 {
                     "conn_type": "llm_batch",
                     "password": first.api_key,
-                    "extra": {"endpoints": endpoints},
+                    "extra": {"model": "sim-small", "endpoints": endpoints},
                 }
             ),
         )

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from llm_batch.simulator import expected_output
+from llm_batch_dev.simulator import expected_output
 from llm_hook import (
     CallRecord,
     ClientSettings,
@@ -31,6 +31,7 @@ def fast_settings(sim: Simulator, **overrides: Any) -> ClientSettings:
     values: dict[str, Any] = {
         "base_url": sim.url,
         "api_key": sim.api_key,
+        "model": "sim-small",
         "connect_timeout_s": 2.0,
         "timeout_s": 2.0,
         "max_attempts": 8,
@@ -249,7 +250,14 @@ def test_test_connection_succeeds_and_spends_nothing(
     sim = start_simulator(latency_ms=1)
     monkeypatch.setenv(
         "AIRFLOW_CONN_LLM_SIM",
-        json.dumps({"conn_type": "llm_batch", "host": sim.url, "password": sim.api_key}),
+        json.dumps(
+            {
+                "conn_type": "llm_batch",
+                "host": sim.url,
+                "password": sim.api_key,
+                "extra": {"model": "sim-small"},
+            }
+        ),
     )
     hook = LLMHook(llm_conn_id="llm_sim")
 
@@ -270,7 +278,14 @@ def test_test_connection_reports_a_wrong_key(
     sim = start_simulator(latency_ms=1)
     monkeypatch.setenv(
         "AIRFLOW_CONN_LLM_SIM",
-        json.dumps({"conn_type": "llm_batch", "host": sim.url, "password": "wrong-key-123"}),
+        json.dumps(
+            {
+                "conn_type": "llm_batch",
+                "host": sim.url,
+                "password": "wrong-key-123",
+                "extra": {"model": "sim-small"},
+            }
+        ),
     )
     ok, message = LLMHook(llm_conn_id="llm_sim").test_connection()
     assert not ok

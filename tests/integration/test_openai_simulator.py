@@ -11,10 +11,10 @@ import requests
 from pymongo.database import Database
 from requests.adapters import HTTPAdapter
 
-from llm_batch.jobs import start_job
+from llm_batch.jobs import create_job
 from llm_batch.reconcile import reconcile_job
-from llm_batch.simulator import expected_output
 from llm_batch.store import JobStore
+from llm_batch_dev.simulator import expected_output
 from llm_hook import ClientSettings, LLMClient, LLMHook, LLMTask, OutcomeStatus
 from llm_hook.adapters import system_prompt
 from tests.conftest import Simulator
@@ -55,6 +55,7 @@ def settings(sim: Simulator, **overrides: Any) -> ClientSettings:
         "base_url": sim.url,
         "api_key": sim.api_key,
         "adapter": "openai",
+        "model": "sim-small",
         "timeout_s": 2.0,
         "connect_timeout_s": 1.0,
         "max_attempts": 8,
@@ -133,7 +134,7 @@ def test_a_pipeline_job_over_the_openai_adapter_succeeds_with_costs_from_usage(
     store = JobStore(mongo_db)
     store.ensure_indexes()
     seed(store, 35, invalid=frozenset({4}))
-    start = start_job(
+    start = create_job(
         store,
         {"filter": {}, "instructions": INSTRUCTIONS},
         dag_id="d",

@@ -10,23 +10,28 @@ from typing import Any
 import pytest
 
 from llm_batch.alerts import failure_rate_alert
-from llm_batch.estimate import Prices, estimate_job
-from llm_batch.jobs import start_job
+from llm_batch.estimate import estimate_job
+from llm_batch.jobs import create_job
 from llm_batch.processing import process_batch
 from llm_batch.reconcile import reconcile_job
+from llm_batch.request import default_of
+from llm_batch.service import LLMService
 from llm_batch.store import JobStore
 from llm_hook import LLMClient
 from tests.conftest import Simulator
-from tests.integration.conftest import PRICE_IN, PRICE_OUT
 from tests.integration.test_pipeline import run_job, seed
 
 pytestmark = pytest.mark.integration
 
 
+def service_of(client: LLMClient) -> LLMService:
+    return LLMService.from_settings(client.settings)
+
+
 def new_job(store: JobStore, run_id: str, **conf: Any) -> str:
     if "task_ids" not in conf and "retry_of" not in conf:
         conf["filter"] = {}
-    return start_job(store, conf, dag_id="d", run_id=run_id, source="manual").job_id
+    return create_job(store, conf, dag_id="d", run_id=run_id, source="manual").job_id
 
 
 def test_answers_below_the_review_threshold_end_as_needs_review_with_their_output(
@@ -61,7 +66,7 @@ def test_a_budget_of_half_the_estimate_stops_sending_and_cancels_the_rest(
     calibration = new_job(store, "calibrate", task_ids=ids[:20])
     run_job(store, client, calibration)
     estimate = estimate_job(
-        store, ids[20:], instructions=None, model=None, prices=Prices(PRICE_IN, PRICE_OUT)
+        store, ids[20:], instructions=None, model=None, service=service_of(client)
     )
     budget = estimate.cost_usd / 2
 
@@ -91,7 +96,7 @@ def test_the_estimate_is_within_ten_percent_of_the_actual_cost(
     requests_before = sim.stats()["requests_total"]
 
     estimate = estimate_job(
-        store, ids[20:], instructions=None, model=None, prices=Prices(PRICE_IN, PRICE_OUT)
+        store, ids[20:], instructions=None, model=None, service=service_of(client)
     )
     assert sim.stats()["requests_total"] == requests_before, "estimating must send nothing"
     job_id = new_job(store, "real", task_ids=ids[20:])
@@ -142,7 +147,7 @@ def test_redrive_sends_exactly_the_failed_tasks_of_the_earlier_job(
         store.tasks.update_one({"_id": ids[i]}, {"$unset": {"payload.simulate": ""}})
     sim.reset()
 
-    retry = start_job(store, {"retry_of": first}, dag_id="d", run_id="r2", source="manual")
+    retry = create_job(store, {"retry_of": first}, dag_id="d", run_id="r2", source="manual")
     run_job(store, client, retry.job_id)
     summary = reconcile_job(store, retry.job_id)
 
@@ -156,14 +161,14 @@ def test_redrive_of_a_job_without_failures_is_refused(
     start_simulator: Callable[..., Simulator],
     make_client: Callable[..., LLMClient],
 ) -> None:
-    from llm_batch.selection import InvalidJobRequest
+    from llm_batch.request import InvalidJobRequest
 
     sim = start_simulator(latency_ms=0)
     seed(store, 10)
     first = new_job(store, "r1")
     run_job(store, make_client(sim), first)
     with pytest.raises(InvalidJobRequest, match="has no failed tasks to re-drive"):
-        start_job(store, {"retry_of": first}, dag_id="d", run_id="r2", source="manual")
+        create_job(store, {"retry_of": first}, dag_id="d", run_id="r2", source="manual")
 
 
 @pytest.mark.parametrize(("bad_share", "alerts"), [(0.4, True), (0.05, False)])
@@ -178,7 +183,8 @@ def test_an_alert_fires_at_forty_percent_failures_and_not_at_five(
     seed(store, 100, invalid=frozenset(range(int(100 * bad_share))))
     job_id = new_job(store, "r1")
     run_job(store, make_client(sim), job_id)
-    alert = failure_rate_alert(reconcile_job(store, job_id).to_dict(), 0.30)
+    threshold = default_of("alert_failure_rate")
+    alert = failure_rate_alert(reconcile_job(store, job_id).to_dict(), threshold)
     assert (alert is not None) is alerts
     if alert is not None:
         assert "invalid_input" in alert.text and "40%" in alert.text
@@ -189,10 +195,10 @@ def test_a_late_runs_alert_gives_its_jobs_progress_and_none_once_the_job_ended(
     start_simulator: Callable[..., Simulator],
     make_client: Callable[..., LLMClient],
 ) -> None:
-    from llm_batch.deadline import late_run_alert
+    from llm_batch.orchestration.deadline import late_run_alert
 
     seed(store, 30, invalid=frozenset({3}))
-    start = start_job(store, {"filter": {}}, dag_id="d", run_id="late-1", source="manual")
+    start = create_job(store, {"filter": {}}, dag_id="d", run_id="late-1", source="manual")
     process_batch(store, make_client(start_simulator(latency_ms=0)), start.job_id, 0)
 
     alert = late_run_alert(store, "d", "late-1", "03:00")

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 
 from llm_batch.batching import batch_count
-from llm_batch.jobs import start_job
+from llm_batch.jobs import create_job
 from llm_batch.processing import BatchIncomplete, JobAborted, process_batch
 from llm_batch.reconcile import reconcile_job
-from llm_batch.selection import InvalidJobRequest
-from llm_batch.simulator import expected_output
+from llm_batch.request import InvalidJobRequest
 from llm_batch.store import JobStore
+from llm_batch_dev.simulator import expected_output
 from llm_hook import LLMClient
 from tests.conftest import Simulator
 from tests.integration.conftest import PRICE_IN, PRICE_OUT
@@ -71,7 +71,7 @@ def test_a_job_ends_with_one_matching_result_per_task_and_totals_from_llm_calls(
 ) -> None:
     sim = start_simulator(latency_ms=0)
     ids = seed(store, 95)
-    start = start_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
+    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
     assert start.task_count == 95 and start.batch_count == 10
 
     run_job(store, make_client(sim), start.job_id)
@@ -125,7 +125,7 @@ def test_faults_lose_nothing_and_bill_at_most_five_percent_extra(
         item_error_rate=0.02,
     )
     seed(store, 300)
-    start = start_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
+    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
     run_job(store, make_client(sim), start.job_id)
     summary = reconcile_job(store, start.job_id)
 
@@ -145,7 +145,7 @@ def test_item_level_invalid_input_fails_only_that_task_with_the_reason(
 ) -> None:
     sim = start_simulator(latency_ms=0)
     seed(store, 20, invalid=frozenset({3, 14}))
-    start = start_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
+    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
     run_job(store, make_client(sim), start.job_id)
     summary = reconcile_job(store, start.job_id)
 
@@ -164,7 +164,7 @@ def test_a_rerun_batch_sends_nothing_for_tasks_that_have_results(
 ) -> None:
     sim = start_simulator(latency_ms=0)
     seed(store, 10)
-    start = start_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
+    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
     client = make_client(sim)
     process_batch(store, client, start.job_id, 0)
     before = sim.stats()["requests_total"]
@@ -183,7 +183,7 @@ def test_two_workers_on_one_batch_leave_exactly_one_result_per_task(
     """A zombie and its retry running the same batch at once: the first answer wins."""
     sim = start_simulator(latency_ms=200)
     seed(store, 10)
-    start = start_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
+    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
     errors: list[BaseException] = []
 
     def work(try_number: int) -> None:
@@ -216,7 +216,7 @@ def test_a_refused_api_key_stops_the_job_and_spends_nothing_more(
 ) -> None:
     sim = start_simulator(latency_ms=0)
     seed(store, 30)
-    start = start_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
+    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
     client = make_client(sim, api_key="wrong-key")
 
     with pytest.raises(JobAborted, match="API key"):
@@ -240,7 +240,7 @@ def test_an_exhausted_batch_is_explained_and_resuming_sends_only_unanswered_task
 ) -> None:
     sim = start_simulator(latency_ms=0)
     seed(store, 20)
-    start = start_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
+    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
     client = make_client(sim, max_attempts=2)
     process_batch(store, client, start.job_id, 0)
     sim.configure(error_5xx_rate=1.0)
@@ -254,7 +254,7 @@ def test_an_exhausted_batch_is_explained_and_resuming_sends_only_unanswered_task
 
     sim.configure(error_5xx_rate=0.0)
     sim.reset()
-    resumed = start_job(
+    resumed = create_job(
         store, {"filter": {}, "job_id": start.job_id}, dag_id="d", run_id="r2", source="manual"
     )
     assert resumed.resumed and resumed.job_id == start.job_id
@@ -274,10 +274,10 @@ def test_create_job_run_again_by_the_same_run_keeps_its_job_and_resumes_it_once_
     """A retried create_job, or one an operator cleared after the run ended, makes no new job."""
     seed(store, 20)
     clock = iter([datetime(2026, 12, 1, 3, 0, s, tzinfo=UTC) for s in range(0, 60, 7)])
-    first = start_job(
+    first = create_job(
         store, {"filter": {}}, dag_id="d", run_id="r1", source="manual", now=lambda: next(clock)
     )
-    retried = start_job(
+    retried = create_job(
         store, {"filter": {}}, dag_id="d", run_id="r1", source="manual", now=lambda: next(clock)
     )
     assert retried.job_id == first.job_id and not retried.resumed
@@ -288,13 +288,13 @@ def test_create_job_run_again_by_the_same_run_keeps_its_job_and_resumes_it_once_
     assert reconcile_job(store, first.job_id).counts == {
         "succeeded": 10, "failed": 10, "needs_review": 0, "cancelled": 0,
     }  # fmt: skip
-    cleared = start_job(
+    cleared = create_job(
         store, {"filter": {}}, dag_id="d", run_id="r1", source="manual", now=lambda: next(clock)
     )
     assert cleared.job_id == first.job_id and cleared.resumed
     assert store.jobs.count_documents({}) == 1
     assert store.count_results(first.job_id) == {"succeeded": 10}
-    assert start_job(store, {"filter": {}}, dag_id="d", run_id="r2", source="manual").job_id != (
+    assert create_job(store, {"filter": {}}, dag_id="d", run_id="r2", source="manual").job_id != (
         first.job_id
     )
 
@@ -315,7 +315,7 @@ def test_bad_requests_are_refused_before_any_write_or_llm_call(
 ) -> None:
     seed(store, 5)
     with pytest.raises(InvalidJobRequest, match=re.escape(message)):
-        start_job(store, conf, dag_id="d", run_id="r1", source="manual")
+        create_job(store, conf, dag_id="d", run_id="r1", source="manual")
     assert store.jobs.count_documents({}) == 0
     assert store.results.count_documents({}) == 0
 
@@ -327,7 +327,7 @@ def test_ids_are_kept_in_the_order_given_and_objectid_hex_is_understood(store: J
     store.tasks.insert_many(
         [{"_id": "b", "payload": 1}, {"_id": "a", "payload": 2}, {"_id": oid, "payload": 3}]
     )
-    start = start_job(
+    start = create_job(
         store, {"task_ids": ["b", str(oid), "a"]}, dag_id="d", run_id="r", source="manual"
     )
     job = store.get_job(start.job_id, with_task_ids=True)
@@ -353,7 +353,7 @@ def test_the_nightly_backlog_filter_takes_unsucceeded_tasks_and_counts_the_rest(
     store.tasks.update_many(
         {"_id": {"$in": ids[10:12]}}, {"$set": {"last_result": {"status": "failed"}}}
     )
-    start = start_job(
+    start = create_job(
         store,
         {"filter": nightly.BACKLOG_FILTER, "limit": 15},
         dag_id="llm_batch_nightly",

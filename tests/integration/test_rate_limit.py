@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from pymongo.database import Database
 
-from llm_batch.ratelimit import MongoLimiterStore, mongo_rate_limiter
+from llm_batch.limiter_store import MongoLimiterStore, mongo_rate_limiter
 from llm_hook import CallRecord, ClientSettings, LLMClient, LLMTask, OutcomeStatus
-from llm_hook.ratelimit import EndpointPolicy, RateLimiter
+from llm_hook.pacing import EndpointPolicy, RateLimiter
 from tests.conftest import Simulator
 from tests.unit.test_ratelimit import count_in_windows
 
@@ -49,6 +49,7 @@ def test_32_workers_sharing_the_mongo_limiter_never_exceed_the_limit_in_any_wind
     settings = ClientSettings(
         base_url=sim.url,
         api_key=sim.api_key,
+        model="sim-small",
         rpm=LIMIT,
         rate_window_s=WINDOW_S,
         timeout_s=10.0,

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import requests
 
-from llm_batch.simulator import (
+from llm_batch_dev.simulator import (
     estimate_tokens,
     expected_confidence,
     expected_output,

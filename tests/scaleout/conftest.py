@@ -1,11 +1,21 @@
-"""The scale-out topology, natively: CeleryExecutor on Redis, PostgreSQL metadata DB, two workers.
+"""The compose topology, natively: each Airflow service of docker-compose.yaml as a process.
 
-The same services as docker-compose.yaml, as processes on this machine: a fresh PostgreSQL
-database (`llm_batch_scaleout_<random>`, dropped afterwards), a dedicated Redis database
-(`LLM_BATCH_TEST_REDIS_DB`, default 7, flushed before and after), the api-server, scheduler and
-DAG processor, two Celery workers with distinct names (`w1`, `w2`), SecantusDB and the simulator.
-Where PostgreSQL or Redis does not answer, the tests that need them are skipped with the reason.
-Nothing it started is left running: the fixture fails the session otherwise.
+Every Airflow service of the compose file (api-server, scheduler, DAG processor, triggerer, two
+Celery workers, and airflow-init first) starts with its own empty `AIRFLOW_HOME` and exactly the
+environment Compose would give its container: the file rendered with a `.env` (compose_render),
+then the entrypoint's `llm-batch-compose-env`, which really runs in front of each command. The
+backing services are this machine's: PostgreSQL (a fresh database and role, dropped afterwards,
+the role's password full of URL and JSON special characters), Redis (database
+`LLM_BATCH_TEST_REDIS_DB`, default 7, flushed before and after), SecantusDB (the MongoDB-wire
+server, with the user the mongo container's init would create) and the LLM simulator.
+
+What a container gives that one machine cannot, and is therefore replaced (`native_environment`):
+the services' host names (`postgres:5432` -> this PostgreSQL, ...), the image's paths (DAGs,
+plugins, the shared `airflow-logs` volume), one port per process where each container would
+have its own (api-server, log servers, scheduler health check), and each worker's hostname (a
+loopback address of its own, worker_identity). Nothing else is added: no connection, pool or
+setting is written through the API. Where PostgreSQL or Redis does not answer, the tests that
+need them are skipped with the reason. Nothing it started is left running.
 """
 
 from __future__ import annotations
@@ -23,16 +33,20 @@ from typing import Any
 
 import pytest
 
-from llm_batch import config, processes
-from llm_batch.airflow_api import AirflowAPIError, AirflowClient, read_password
-from llm_batch.stack import (
-    AIRFLOW_TUNING,
-    PASSWORD_FILE,
-    mongo_connection_fields,
-    write_local_settings,
-)
+from llm_batch import config
+from llm_batch.cli.airflow_client import AirflowAPIError, AirflowClient, read_password
+from llm_batch.orchestration.local_settings import write_local_settings
+from llm_batch_dev.stack import processes
+from llm_batch_dev.stack.settings import PASSWORD_FILE
 from tests.conftest import REPO_ROOT, Simulator
-from tests.scaleout.worker_identity import WORKER_NAME_ENV
+from tests.scaleout.compose_render import (
+    HEADROOM,
+    connection_budget,
+    read_env_example,
+    render,
+    service_environment,
+)
+from tests.scaleout.worker_identity import WORKER_HOST_ENV
 
 PG_HOST = os.environ.get("LLM_BATCH_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("LLM_BATCH_TEST_PG_PORT", "5432"))
@@ -41,10 +55,16 @@ REDIS_HOST = os.environ.get("LLM_BATCH_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("LLM_BATCH_TEST_REDIS_PORT", "6379"))
 REDIS_DB = int(os.environ.get("LLM_BATCH_TEST_REDIS_DB", "7"))
 POOL_SLOTS = 8
-WORKERS = ("w1", "w2")
-WORKER_CONCURRENCY = 4
+WORKERS = {"w1": "127.0.0.1", "w2": "127.0.0.2"}
+"""Each worker's hostname as Airflow records it: a loopback address of its own."""
+WORKER_CONCURRENCY = (POOL_SLOTS + HEADROOM) // len(WORKERS)
+"""The sizing rule of .env.example: workers x concurrency >= pool slots + headroom."""
+PASSWORD = 'p@ss%2F w"rd/#?'
+"""PostgreSQL's and MongoDB's password: characters a URL or JSON string must escape."""
 MARKER = "LLM_BATCH_SCALEOUT_HOME"
 """Set on every process started here, to the work dir: teardown finds leftovers by it."""
+BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ")
+"""What the image's environment contributes besides Compose's: taken from this machine."""
 
 
 @dataclass
@@ -58,8 +78,12 @@ class CeleryCluster:
     simulator: Simulator
     broker_url: str
     work_dir: Path
+    database: str
+    connection_budget: int
+    worker_log_port: int
+    admin_password: str
     pool_slots: int = POOL_SLOTS
-    workers: tuple[str, ...] = WORKERS
+    workers: Mapping[str, str] = field(default_factory=lambda: dict(WORKERS))
     started: dict[str, processes.ManagedProcess] = field(default_factory=dict)
 
 
@@ -72,28 +96,41 @@ def require_service(what: str, host: str, port: int, variable: str) -> None:
         )
 
 
-def create_database(name: str) -> None:
+def _admin_sql(*statements: str, params: tuple[Any, ...] = ()) -> None:
     import psycopg2
 
     connection = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres")
     connection.autocommit = True
     try:
         with connection.cursor() as cursor:
-            cursor.execute(f'CREATE DATABASE "{name}"')
+            for statement in statements:
+                cursor.execute(statement, params if "%s" in statement else None)
     finally:
         connection.close()
 
 
-def drop_database(name: str) -> None:
+def create_database(name: str, role: str, password: str) -> None:
+    """Create a login role with `password` and a database it owns, as the postgres image does."""
+    _admin_sql(f'CREATE ROLE "{role}" LOGIN PASSWORD %s', params=(password,))
+    _admin_sql(f'CREATE DATABASE "{name}" OWNER "{role}"')
+
+
+def drop_database(name: str, role: str) -> None:
+    _admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'DROP ROLE IF EXISTS "{role}"')
+
+
+def connections_in_use(database: str) -> int:
+    """Return how many server connections `database` has now."""
     import psycopg2
 
     connection = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres")
-    connection.autocommit = True
     try:
         with connection.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (database,))
+            row = cursor.fetchone()
     finally:
         connection.close()
+    return int(row[0]) if row else 0
 
 
 def flush_redis_db() -> None:
@@ -106,52 +143,54 @@ def flush_redis_db() -> None:
         client.close()
 
 
-def airflow_environment(
-    work_dir: Path, database: str, api_port: int, broker_url: str
-) -> dict[str, str]:
-    """The environment every Airflow component of the topology shares (as x-airflow-common)."""
-    venv_bin = str(Path(sys.executable).parent)
-    pg = f"{PG_USER}@{PG_HOST}:{PG_PORT}/{database}"
+def compose_dotenv(database: str, role: str, api_key: str) -> dict[str, str]:
+    """The `.env` an operator would write: .env.example with secrets and this test's sizing."""
     from cryptography.fernet import Fernet
 
-    env = {
-        **os.environ,
-        **AIRFLOW_TUNING,
-        "PATH": os.pathsep.join([venv_bin, os.environ.get("PATH", os.defpath)]),
-        # worker_identity is imported by the workers' task processes.
-        "PYTHONPATH": os.pathsep.join(
-            p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
-        ),
-        "AIRFLOW_HOME": str(work_dir / "airflow"),
-        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg2://{pg}",
-        # PostgreSQL allows 100 connections; many processes with unbounded pools could exceed it.
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_POOL_SIZE": "5",
-        "AIRFLOW__CELERY__BROKER_URL": broker_url,
-        "AIRFLOW__CELERY__RESULT_BACKEND": f"db+postgresql+psycopg2://{pg}",
-        "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(WORKER_CONCURRENCY),
-        "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
-        "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.scaleout.worker_identity.hostname",
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO_ROOT / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-        "AIRFLOW__CORE__PARALLELISM": str(POOL_SLOTS + 8),
-        "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": str(POOL_SLOTS + 8),
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(api_port),
-        "AIRFLOW__API__WORKERS": "1",
-        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(64),
-        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(work_dir / "logs" / "airflow"),
-        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(processes.free_port()),
-        MARKER: str(work_dir),
+    return {
+        **read_env_example(),
+        "POSTGRES_USER": role,
+        "POSTGRES_PASSWORD": PASSWORD,
+        "POSTGRES_DB": database,
+        "AIRFLOW_FERNET_KEY": Fernet.generate_key().decode(),
+        "AIRFLOW_JWT_SECRET": secrets.token_urlsafe(64),
+        "AIRFLOW_API_SECRET_KEY": secrets.token_urlsafe(32),
+        "MONGO_PASSWORD": PASSWORD,
+        "LLM_API_KEY": api_key,
+        "LLM_BATCH_POOL_SLOTS": str(POOL_SLOTS),
+        "AIRFLOW_WORKER_CONCURRENCY": str(WORKER_CONCURRENCY),
+        "AIRFLOW_PARALLELISM": str(POOL_SLOTS + HEADROOM),
+        "SIMULATOR_CONFIG": '{"latency_ms": 50}',
     }
+
+
+def native_environment(
+    compose_env: Mapping[str, str], hosts: Mapping[str, tuple[str, int]], home: Path
+) -> dict[str, str]:
+    """Compose's environment with the services' addresses replaced by this machine's.
+
+    `hosts` maps `service:port` as the containers name them to where that service listens
+    here; `<X>_HOST`/`<X>_PORT` pairs and URLs are rewritten, nothing else.
+    """
+    env = {name: os.environ[name] for name in BASE_ENV if name in os.environ}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    for name, value in compose_env.items():
+        for service, (host, port) in hosts.items():
+            value = value.replace(f"//{service}", f"//{host}:{port}")
+        env[name] = value
+    for prefix in {name.removesuffix("_HOST") for name in compose_env if name.endswith("_HOST")}:
+        key = f"{compose_env[prefix + '_HOST']}:{compose_env.get(prefix + '_PORT', '')}"
+        if key in hosts:
+            env[prefix + "_HOST"], port = hosts[key]
+            env[prefix + "_PORT"] = str(port)
+    env["AIRFLOW_HOME"] = str(home)
     return env
 
 
 def airflow_argv(*args: str) -> list[str]:
-    return [str(Path(sys.executable).parent / "airflow"), *args]
+    """Argv of an Airflow command behind the compose entrypoint's `llm-batch-compose-env`."""
+    venv_bin = Path(sys.executable).parent
+    return [str(venv_bin / "llm-batch-compose-env"), str(venv_bin / "airflow"), *args]
 
 
 def leftovers(work_dir: Path, sessions: set[int]) -> list[int]:
@@ -213,25 +252,68 @@ def celery_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryC
     require_service("Redis", REDIS_HOST, REDIS_PORT, "LLM_BATCH_TEST_REDIS_HOST/_PORT")
     work_dir = tmp_path_factory.mktemp("scaleout")
     logs = work_dir / "logs"
-    database = f"llm_batch_scaleout_{uuid.uuid4().hex[:8]}"
-    broker_url = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
-    api_port = processes.free_port()
+    suffix = uuid.uuid4().hex[:8]
+    database, role = f"llm_batch_scaleout_{suffix}", f"llm_batch_scaleout_{suffix}"
+    api_port, log_port = processes.free_port(), processes.free_port()
+    mongo_port, simulator_port = processes.free_port(), processes.free_port()
+    api_key = secrets.token_urlsafe(16)
+    dotenv = compose_dotenv(database, role, api_key)
+    compose = render(dotenv)
+    hosts = {
+        "postgres:5432": (PG_HOST, PG_PORT),
+        "redis:6379": (REDIS_HOST, REDIS_PORT),
+        "mongo:27017": ("127.0.0.1", mongo_port),
+        "llm-simulator:8765": ("127.0.0.1", simulator_port),
+        "airflow-apiserver:8080": ("127.0.0.1", api_port),
+    }
+    # One port per process where each container would have its own.
+    per_process = {
+        "airflow-apiserver": {
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(api_port),
+            # The port of w1's log server: the running task's log the test reads is w1's.
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(log_port),
+        },
+        "airflow-scheduler": {
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": str(processes.free_port())
+        },
+    }
+    trigger_log_port = str(processes.free_port())
     started: dict[str, processes.ManagedProcess] = {}
-    create_database(database)
+    create_database(database, role, PASSWORD)
     flush_redis_db()
-    env = airflow_environment(work_dir, database, api_port, broker_url)
-    # As the image does: the workers load the batch tasks' modules before they fork.
-    write_local_settings(work_dir / "airflow")
 
-    def start(name: str, argv: list[str], extra_env: Mapping[str, str] | None = None) -> None:
+    def environment(service: str, name: str, extra: Mapping[str, str] = {}) -> dict[str, str]:
+        home = work_dir / name
+        home.mkdir()
+        # As the image does: the workers load the batch tasks' modules before they fork.
+        write_local_settings(home)
+        env = native_environment(service_environment(compose, service), hosts, home)
+        env.update(
+            {
+                # The image's paths: code baked in, logs on the shared airflow-logs volume.
+                "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
+                "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO_ROOT / "plugins"),
+                "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(logs / "airflow"),
+                "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": trigger_log_port,
+                # The machine's Redis is shared: a database of the test's own.
+                "REDIS_DB": str(REDIS_DB),
+                # worker_identity is imported by the workers (hostname_callable).
+                "PYTHONPATH": str(REPO_ROOT),
+                "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.scaleout.worker_identity.hostname",
+                MARKER: str(work_dir),
+                **per_process.get(service, {}),
+                **extra,
+            }
+        )
+        return env
+
+    def start(service: str, name: str, argv: list[str], extra: Mapping[str, str] = {}) -> None:
         started[name] = processes.start(
-            name, argv, logs / f"{name}.log", env={**env, **(extra_env or {})}, cwd=work_dir
+            name, argv, logs / f"{name}.log", env=environment(service, name, extra), cwd=work_dir
         )
 
     try:
-        mongo_port = processes.free_port()
-        simulator_port = processes.free_port()
-        api_key = secrets.token_urlsafe(16)
         marked = {**os.environ, MARKER: str(work_dir)}
         started["mongo"] = processes.start(
             processes.MONGO_WIRE_SERVER,
@@ -240,46 +322,52 @@ def celery_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryC
             env=marked,
             cwd=work_dir,
         )
+        simulator = compose["services"]["llm-simulator"]
         started["simulator"] = processes.start(
             processes.SIMULATOR,
-            processes.simulator_argv(
-                simulator_port, f"--api-key={api_key}", '--config-json={"latency_ms": 50}'
-            ),
+            processes.simulator_argv(simulator_port, *simulator["command"][2:]),
             logs / "simulator.log",
             env=marked,
             cwd=work_dir,
         )
+        started["mongo"].wait_for_port("127.0.0.1", mongo_port)
+        create_mongo_user(mongo_port, dotenv)
+        init = compose["services"]["airflow-init"]
+        init_env = environment("airflow-init", "airflow-init")
         migrate = subprocess.run(
-            airflow_argv("db", "migrate"),
-            env=env,
+            [str(Path(sys.executable).parent / init["entrypoint"][2]), "bash", *init["command"]],
+            env=init_env,
             cwd=work_dir,
             capture_output=True,
             text=True,
             timeout=300,
         )
         if migrate.returncode != 0:
-            pytest.fail(f"`airflow db migrate` failed:\n{migrate.stderr[-3000:]}", pytrace=False)
-        start("api-server", airflow_argv("api-server"))
-        start("scheduler", airflow_argv("scheduler"))
-        start("dag-processor", airflow_argv("dag-processor"))
-        for worker in WORKERS:
+            pytest.fail(f"airflow-init failed:\n{migrate.stderr[-3000:]}", pytrace=False)
+        for service, name in (
+            ("airflow-apiserver", "api-server"),
+            ("airflow-scheduler", "scheduler"),
+            ("airflow-dag-processor", "dag-processor"),
+            ("airflow-triggerer", "triggerer"),
+        ):
+            start(service, name, airflow_argv(*compose["services"][service]["command"].split()))
+        for worker, address in WORKERS.items():
             start(
+                "airflow-worker",
                 f"worker-{worker}",
+                # Two workers on one host need two Celery node names (containers have two).
                 airflow_argv(
-                    "celery",
-                    "worker",
+                    *compose["services"]["airflow-worker"]["command"].split(),
                     "--celery-hostname",
                     f"{worker}@%h",
-                    "--concurrency",
-                    str(WORKER_CONCURRENCY),
                 ),
                 {
-                    WORKER_NAME_ENV: worker,
-                    # Each worker serves its task logs; two on one machine need two ports.
-                    "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(processes.free_port()),
+                    WORKER_HOST_ENV: address,
+                    "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(
+                        log_port if worker == "w1" else processes.free_port()
+                    ),
                 },
             )
-        started["mongo"].wait_for_port("127.0.0.1", mongo_port)
         started["simulator"].wait_for_port("127.0.0.1", simulator_port)
         airflow_url = f"http://127.0.0.1:{api_port}"
         bare = AirflowClient(airflow_url, None, None)
@@ -287,32 +375,30 @@ def celery_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryC
             wait_until_ready(bare, started)
         except (RuntimeError, TimeoutError) as exc:
             pytest.fail(f"The Celery topology did not start: {exc}", pytrace=False)
-        password = read_password(work_dir / "airflow" / PASSWORD_FILE, "admin")
+        password = read_password(work_dir / "api-server" / PASSWORD_FILE, "admin")
         api = AirflowClient(airflow_url, "admin", password)
-        api.put_pool(config.POOL_NAME, POOL_SLOTS, description="LLM requests in flight")
-        mongo_uri = f"mongodb://127.0.0.1:{mongo_port}/{config.DEFAULT_DATABASE}"
-        api.put_connection(
-            config.MONGO_CONN_ID,
-            "mongo",
-            **mongo_connection_fields(mongo_uri, config.DEFAULT_DATABASE),
-        )
-        llm_url = f"http://127.0.0.1:{simulator_port}"
-        api.put_connection(
-            config.LLM_CONN_ID,
-            "llm_batch",
-            host=llm_url,
-            password=api_key,
-            extra={"adapter": "batch", "model": "sim-small", "timeout_s": 30},
-        )
         wait_for_dag(api, config.JOB_DAG_ID)
+        user = dotenv["MONGO_USER"]
+        from urllib.parse import quote
+
+        mongo_uri = (
+            f"mongodb://{quote(user, safe='')}:{quote(PASSWORD, safe='')}@127.0.0.1:{mongo_port}/"
+            f"{config.DEFAULT_DATABASE}?authSource=admin"
+        )
         yield CeleryCluster(
             airflow_api=api,
             airflow_url=airflow_url,
             mongo_uri=mongo_uri,
             mongo_db_name=config.DEFAULT_DATABASE,
-            simulator=Simulator(llm_url, api_key, started["simulator"]),
-            broker_url=broker_url,
+            simulator=Simulator(
+                f"http://127.0.0.1:{simulator_port}", api_key, started["simulator"]
+            ),
+            broker_url=f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}",
             work_dir=work_dir,
+            database=database,
+            connection_budget=connection_budget(compose, len(WORKERS)),
+            worker_log_port=log_port,
+            admin_password=password,
             started=started,
         )
     finally:
@@ -324,6 +410,22 @@ def celery_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryC
         if remaining:
             processes.terminate(remaining, grace_s=10)
         flush_redis_db()
-        drop_database(database)
+        drop_database(database, role)
     still = leftovers(work_dir, sessions)
     assert not still, f"scale-out processes still running after teardown: {still}"
+
+
+def create_mongo_user(port: int, dotenv: Mapping[str, str]) -> None:
+    """Create the root user the mongo image creates from MONGO_INITDB_ROOT_* on first start."""
+    import pymongo
+
+    client: Any = pymongo.MongoClient("127.0.0.1", port)
+    try:
+        client.admin.command(
+            "createUser",
+            dotenv["MONGO_USER"],
+            pwd=PASSWORD,
+            roles=[{"role": "root", "db": "admin"}],
+        )
+    finally:
+        client.close()

@@ -9,9 +9,9 @@ from tests.conftest import REPO_ROOT
 
 PACKAGES = {
     "llm_batch": REPO_ROOT / "include" / "llm_batch",
-    "llm_hook": REPO_ROOT / "plugins" / "llm_hook",
+    "llm_hook": REPO_ROOT / "include" / "llm_hook",
 }
-TASK_ENTRY_POINTS = ("llm_batch.tasks", "llm_batch.dag_factory")
+TASK_ENTRY_POINTS = ("llm_batch.orchestration.task_bodies", "llm_batch.orchestration.dag_factory")
 """Imported by the DAG files' task bodies (inside the functions, so found here by name too)."""
 
 

@@ -1,9 +1,10 @@
-"""The hostname Airflow records for a task instance: the Celery worker's name when it has one.
+"""The hostname Airflow records for a task instance: the address a container's hostname would be.
 
 Two Celery workers on one machine share its hostname, so the task instances they run would look
-alike in Airflow's records. The scale-out test points `[core] hostname_callable` here and gives
-each worker `LLM_BATCH_WORKER_NAME`, as separate machines (or containers) would have distinct
-hostnames.
+alike in Airflow's records, and the api-server could not tell whose log server to ask for a
+running task's log. The native compose topology points `[core] hostname_callable` here and gives
+each worker `LLM_BATCH_WORKER_HOST`, a loopback address of its own (127.0.0.1, 127.0.0.2), as
+separate containers have distinct hostnames.
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ from __future__ import annotations
 import os
 import socket
 
-WORKER_NAME_ENV = "LLM_BATCH_WORKER_NAME"
+WORKER_HOST_ENV = "LLM_BATCH_WORKER_HOST"
 
 
 def hostname() -> str:
-    """Return `<worker name>@<fqdn>` inside a named worker, else the machine's FQDN."""
-    name = os.environ.get(WORKER_NAME_ENV)
-    fqdn = socket.getfqdn()
-    return f"{name}@{fqdn}" if name else fqdn
+    """Return the worker's own address inside a named worker, else the machine's FQDN."""
+    return os.environ.get(WORKER_HOST_ENV) or socket.getfqdn()

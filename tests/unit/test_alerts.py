@@ -12,7 +12,10 @@ from typing import Any
 
 import pytest
 
-from llm_batch.alerts import DEFAULT_FAILURE_RATE, deadline_alert, failure_rate_alert, notify
+from llm_batch.alerts import deadline_alert, failure_rate_alert, notify
+from llm_batch.request import default_of
+
+DEFAULT_RATE = default_of("alert_failure_rate")
 
 
 def summary(failed: int, total: int = 100, error_type: str = "invalid_input") -> dict[str, Any]:
@@ -27,7 +30,7 @@ def summary(failed: int, total: int = 100, error_type: str = "invalid_input") ->
 
 
 def test_no_alert_at_five_percent_failures() -> None:
-    assert failure_rate_alert(summary(5), DEFAULT_FAILURE_RATE) is None
+    assert failure_rate_alert(summary(5), DEFAULT_RATE) is None
 
 
 def test_no_alert_exactly_at_the_threshold() -> None:
@@ -35,12 +38,12 @@ def test_no_alert_exactly_at_the_threshold() -> None:
 
 
 def test_alert_at_forty_percent_names_the_top_error_and_what_to_do() -> None:
-    alert = failure_rate_alert(summary(40), DEFAULT_FAILURE_RATE)
+    alert = failure_rate_alert(summary(40), DEFAULT_RATE)
     assert alert is not None
     assert "40% of 100 tasks failed" in alert.text
     assert "invalid_input x40, e.g. payload has no text" in alert.text
     assert "Next: fix the payloads" in alert.text
-    assert "llm-batch redrive job-1" in alert.text
+    assert "`llm-batch submit --retry-of job-1`" in alert.text
 
 
 def test_an_unknown_error_type_still_gets_a_next_step() -> None:
@@ -178,3 +181,38 @@ def test_a_bad_smtp_setting_is_logged_with_what_to_fix_and_does_not_raise(
     assert notify(alert, environ=env) == ["log"]
     assert "alert e-mail via smtp://bob:***@127.0.0.1:9 failed" in caplog.text
     assert "s3cret" not in caplog.text
+
+
+def test_provider_text_in_an_alert_is_one_capped_line_that_cannot_mention_or_link() -> None:
+    from llm_batch.quoting import ALERT_QUOTE_CHARS
+
+    steered = "bad input\nNext: ignore this <!channel> <https://evil.example|click> " + "x" * 900
+    alert = failure_rate_alert(
+        {
+            "job_id": "job-1",
+            "task_count": 10,
+            "counts": {"failed": 10},
+            "top_errors": [{"type": "http_400", "count": 10, "example": steered}],
+        },
+        DEFAULT_RATE,
+    )
+    assert alert is not None
+    quoted = next(line for line in alert.text.splitlines() if line.startswith("- http_400"))
+    assert "<!channel>" not in alert.text and "<https://" not in alert.text
+    assert "&lt;!channel&gt;" in quoted
+    assert not any(line.startswith("Next: ignore") for line in alert.text.splitlines())
+    example = quoted.split("e.g. ", 1)[1]
+    assert example.endswith("…") and len(example.replace("&lt;", "<").replace("&gt;", ">")) <= (
+        ALERT_QUOTE_CHARS
+    )
+
+
+def test_a_deadline_alert_caps_the_provider_text_it_quotes() -> None:
+    alert = deadline_alert(
+        {"_id": "job-1", "task_count": 10},
+        "run-1",
+        "4h",
+        {"failed": 1},
+        [{"type": "timeout", "count": 1, "example": "y" * 5000}],
+    )
+    assert len(alert.text) < 1000

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from llm_batch.cache import answer_scope, question_key
-from llm_batch.selection import InvalidJobRequest, parse_job_request
+from llm_batch.request import InvalidJobRequest, parse_job_request
 from llm_hook import ClientSettings, LLMClient
 
 SCOPE = {"adapter": "batch", "model": "sim-small"}

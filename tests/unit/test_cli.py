@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from llm_batch import cli
+from llm_batch.cli import commands as cli
+from llm_batch.request import REQUEST_KEYS, default_of
 
 
 def conf_for(*argv: str) -> dict[str, object]:
@@ -77,3 +78,76 @@ def test_redrive_and_operations_flags_reach_the_conf() -> None:
 def test_a_review_threshold_above_one_is_refused() -> None:
     with pytest.raises(cli.CliError, match=r"review_below 1\.5 is out of range"):
         conf_for("--all", "--review-below", "1.5")
+
+
+def test_every_declared_field_has_a_submit_flag_that_reaches_the_conf() -> None:
+    conf = conf_for(
+        "--all", "--limit", "7", "--instructions", "Summarize", "--model", "sim-small",
+        "--job-id", "job-9", "--llm-params", '{"temperature": 0}', "--no-cache", "--dry-run",
+        "--review-below", "0.5", "--max-cost-usd", "1", "--alert-failure-rate", "0.1",
+        "--cache-below-review",
+        "--delivery", "provider_batch", "--resend-via", "sync",
+    )  # fmt: skip
+    assert conf == {
+        "task_ids": None, "filter": {}, "limit": 7, "instructions": "Summarize",
+        "model": "sim-small", "job_id": "job-9", "llm_params": {"temperature": 0},
+        "use_cache": False, "dry_run": True, "review_below": 0.5, "max_cost_usd": 1.0,
+        "alert_failure_rate": 0.1, "cache_below_review": True,
+        "delivery": "provider_batch", "resend_via": "sync",
+    }  # fmt: skip
+    # The re-drive fields, exclusive with --all, are covered by the re-drive test above.
+    assert set(conf) | {"retry_of", "include_needs_review"} == set(REQUEST_KEYS)
+
+
+def test_flags_left_out_are_not_sent_so_the_forms_defaults_apply() -> None:
+    conf = conf_for("--task-ids", "a,b")
+    assert conf["task_ids"] == ["a", "b"] and conf["filter"] is None
+    assert "use_cache" not in conf and "alert_failure_rate" not in conf
+    assert conf["limit"] == default_of("limit")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--task-ids", "a", "--filter", "{}"],
+        ["--all", "--retry-of", "job-1"],
+        ["--task-ids-file", "ids.txt", "--task-ids", "a"],
+        ["--limit", "5"],
+    ],
+)
+def test_submit_takes_exactly_one_selection(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args(["submit", *argv])
+    assert info.value.code == cli.EXIT_REFUSED
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--all", "--max-cost-usd", "nan"], "max_cost_usd must be a finite number"),
+        (["--all", "--review-below", "nan"], "review_below must be a finite number"),
+        (["--all", "--alert-failure-rate", "inf"], "alert_failure_rate must be a finite number"),
+        (["--all", "--llm-params", '{"temperature": NaN}'], "NaN and infinity are refused"),
+        (["--filter", '{"a": ' * 100_000 + "1" + "}" * 100_000], "filter nests deeper than"),
+        (["--all", "--llm-params", "[" * 100_000 + "]" * 100_000], "nests too deep"),
+    ],
+)
+def test_non_finite_and_deeply_nested_input_is_refused_before_anything_is_sent(
+    argv: list[str], message: str
+) -> None:
+    with pytest.raises(cli.CliError) as info:
+        conf_for(*argv)
+    assert info.value.code == cli.EXIT_REFUSED
+    assert message in str(info.value)
+
+
+def test_a_conf_json_cannot_carry_is_reported_as_such_not_as_airflow_not_answering() -> None:
+    from llm_batch.cli.airflow_client import AirflowAPIError, AirflowClient
+
+    # Nothing listens on port 9: a request that were sent would fail as "did not answer".
+    client = AirflowClient("http://127.0.0.1:9", "user", "password")
+    client._token = "token"
+    with pytest.raises(AirflowAPIError) as info:
+        client.trigger_dag_run("llm_batch_job", {"max_cost_usd": float("nan")}, run_id="r")
+    assert "JSON cannot carry" in str(info.value)
+    assert "did not answer" not in str(info.value)

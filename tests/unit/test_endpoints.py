@@ -15,7 +15,7 @@ from airflow.sdk import Connection
 
 from llm_hook import CallRecord, ClientSettings, LLMClient, LLMConfigError, OutcomeStatus
 from llm_hook.endpoints import EndpointRouter
-from llm_hook.ratelimit import EndpointState, MemoryLimiterStore, RateLimiter
+from llm_hook.pacing import EndpointState, MemoryLimiterStore, RateLimiter
 from llm_hook.settings import EndpointSettings
 from tests.unit.test_llm_client import FakeTransport, Reply, Sent, make_tasks, ok
 
@@ -36,7 +36,7 @@ def connection(extra: dict[str, Any], host: str | None = None) -> Connection:
         conn_type="llm_batch",
         host=host,
         password=KEY,
-        extra=json.dumps(extra),
+        extra=json.dumps({"model": "sim-small", **extra}),
     )
 
 
@@ -77,6 +77,7 @@ def client(
     session.mount("http://", service.transport)
     values: dict[str, Any] = {
         "api_key": KEY,
+        "model": "sim-small",
         "endpoints": tuple(endpoints),
         "max_attempts": 4,
         "backoff_base_s": 0.5,
@@ -292,7 +293,7 @@ def test_requests_are_paced_by_the_rate_limit() -> None:
     session = requests.Session()
     session.mount("http://", service.transport)
     c = LLMClient(
-        ClientSettings(base_url=A, api_key=KEY, rpm=60),
+        ClientSettings(base_url=A, api_key=KEY, model="sim-small", rpm=60),
         session=session,
         sleep=sleep,
         rate_limiter=limiter,

@@ -68,6 +68,45 @@ class Reply:
     """Announce more bytes than are sent, as when a connection drops mid-body."""
     takes_s: float = 0.0
     """How long the fake service takes to answer, on the fake clock."""
+    chunk_bytes: int | None = None
+    """Bytes the body arrives in per read; None: all at once."""
+    chunk_s: float = 0.0
+    """How long each chunk of the body takes to arrive, on the fake clock."""
+    declare_length: bool = True
+    """Send a Content-Length header; False: the body's end is the connection's end."""
+
+
+class FakeBody(io.BufferedIOBase):
+    """A response body that arrives in chunks, moving the fake clock; remembers what was read."""
+
+    def __init__(self, data: bytes, transport: FakeTransport, reply: Reply) -> None:
+        super().__init__()
+        self.data = data
+        self.read_to = 0
+        """Bytes the client has taken off the fake wire."""
+        self._transport = transport
+        self._step = reply.chunk_bytes or max(1, len(data))
+        self._chunk_s = reply.chunk_s
+
+    def readable(self) -> bool:
+        return True
+
+    def read1(self, size: int | None = -1) -> bytes:
+        left = len(self.data) - self.read_to
+        n = min(left, self._step, left if size is None or size < 0 else size)
+        chunk = self.data[self.read_to : self.read_to + n]
+        self.read_to += n
+        if chunk:
+            self._transport.now += self._chunk_s
+        return chunk
+
+    def read(self, size: int | None = -1) -> bytes:
+        parts: list[bytes] = []
+        want = len(self.data) if size is None or size < 0 else size
+        while want > 0 and (chunk := self.read1(want)):
+            parts.append(chunk)
+            want -= len(chunk)
+        return b"".join(parts)
 
 
 MAX_REQUESTS = 100
@@ -84,6 +123,7 @@ class FakeTransport(BaseAdapter):
         self.script = list(script)
         self.repeat_last = repeat_last
         self.sent: list[Sent] = []
+        self.bodies: list[FakeBody] = []
         self.now = 0.0
         """A fake monotonic clock that only answering moves forward."""
 
@@ -109,9 +149,12 @@ class FakeTransport(BaseAdapter):
         self.now += reply.takes_s
         data = reply.raw if reply.raw is not None else json.dumps(reply.body).encode()
         headers = {"Content-Type": "application/json", **reply.headers}
-        headers["Content-Length"] = str(len(data) + (50 if reply.truncate else 0))
+        if reply.declare_length:
+            headers["Content-Length"] = str(len(data) + (50 if reply.truncate else 0))
+        body = FakeBody(data, self, reply)
+        self.bodies.append(body)
         raw = urllib3.HTTPResponse(
-            body=io.BytesIO(data),
+            body=body,
             status=reply.status,
             headers=headers,
             preload_content=False,
@@ -169,6 +212,7 @@ def make_tasks(*ids: str) -> list[LLMTask]:
 SETTINGS = ClientSettings(
     base_url=BASE_URL,
     api_key=API_KEY,
+    model="sim-small",
     max_attempts=3,
     backoff_base_s=1.0,
     backoff_max_s=4.0,
@@ -723,6 +767,125 @@ def test_no_idempotency_key_without_a_base_key() -> None:
     assert first_key(make_tasks("a"), idempotency_key="") is None
 
 
+# --- answers too slow or too large -----------------------------------------------------
+
+
+def limits(**overrides: Any) -> ClientSettings:
+    """Deadline 2 s (twice the read timeout), 2000-byte answers, 500-byte outputs."""
+    values: dict[str, Any] = {
+        "timeout_s": 1.0,
+        "max_response_bytes": 2000,
+        "max_output_bytes": 500,
+        **overrides,
+    }
+    return replace(SETTINGS, **values)
+
+
+def big_item(task_id: str, size: int) -> dict[str, Any]:
+    return item(task_id, output={"answer": "x" * size})
+
+
+def test_deadline_defaults_to_twice_the_read_timeout() -> None:
+    assert replace(SETTINGS, timeout_s=7.0).deadline_s == 14.0
+    assert replace(SETTINGS, timeout_s=7.0, request_deadline_s=9.5).deadline_s == 9.5
+
+
+def test_a_dripping_body_is_cut_at_the_deadline_and_retried_under_the_same_key() -> None:
+    drip = replace(batch_reply([item("a")]), chunk_bytes=1, chunk_s=0.5)
+    h = Harness(drip, drip, drip, settings=limits())
+    (outcome,) = h.complete(make_tasks("a"), idempotency_key="job-1:batch-1")
+
+    assert (outcome.status, outcome.error_type) == (OutcomeStatus.RETRYABLE, "timeout")
+    assert outcome.error_message is not None and "request_deadline_s" in outcome.error_message
+    # Each attempt stopped reading at the 2 s deadline: 4 chunks of 0.5 s, not the whole body.
+    assert [body.read_to for body in h.transport.bodies] == [4, 4, 4]
+    assert len({sent.key for sent in h.sent}) == 1
+    assert [r.error_type for r in h.records] == ["timeout"] * 3
+
+
+def test_a_slow_start_counts_toward_the_deadline() -> None:
+    late = replace(batch_reply([item("a")]), takes_s=1.5, chunk_bytes=40, chunk_s=0.3)
+    h = Harness(late, ok, settings=limits())
+    (outcome,) = h.complete(make_tasks("a"))
+
+    assert outcome.status is OutcomeStatus.SUCCEEDED
+    assert [r.error_type for r in h.records] == ["timeout", None]
+
+
+def test_an_answer_over_max_response_bytes_is_not_read_and_fails_a_single_task() -> None:
+    h = Harness(batch_reply([big_item("a", 5000)]), settings=limits())
+    (outcome,) = h.complete(make_tasks("a"), idempotency_key="job-1:batch-1")
+
+    assert (outcome.status, outcome.error_type) == (OutcomeStatus.FAILED, "output_too_large")
+    assert outcome.error_message is not None and "max_response_bytes" in outcome.error_message
+    assert len(h.sent) == 1
+    # The announced Content-Length was enough: not one byte of the body was read.
+    assert h.transport.bodies[0].read_to == 0
+
+
+def test_an_undeclared_oversized_body_is_read_only_up_to_the_cap() -> None:
+    endless = replace(
+        batch_reply([big_item("a", 1_000_000)]), declare_length=False, chunk_bytes=1000
+    )
+    h = Harness(endless, settings=limits())
+    (outcome,) = h.complete(make_tasks("a"))
+
+    assert (outcome.status, outcome.error_type) == (OutcomeStatus.FAILED, "output_too_large")
+    assert h.transport.bodies[0].read_to <= 2000 + 1000
+
+
+def test_an_answer_too_large_for_several_tasks_is_split_until_the_answers_fit() -> None:
+    def answer(sent: Sent) -> Reply:
+        # 600 bytes per answer: two fit under 2000 bytes, four do not.
+        return batch_reply([big_item(i, 600 if i != "huge" else 3000) for i in sent.ids])
+
+    h = Harness(answer, repeat_last=True, settings=limits(max_output_bytes=10_000))
+    outcomes = by_id(h.complete(make_tasks("a", "b", "c", "huge"), idempotency_key="k"))
+
+    assert [s.ids for s in h.sent] == [["a", "b", "c", "huge"], ["a", "b"], ["c", "huge"],
+                                       ["c"], ["huge"]]  # fmt: skip
+    assert {t: o.status for t, o in outcomes.items()} == {
+        "a": OutcomeStatus.SUCCEEDED,
+        "b": OutcomeStatus.SUCCEEDED,
+        "c": OutcomeStatus.SUCCEEDED,
+        "huge": OutcomeStatus.FAILED,
+    }
+    assert outcomes["huge"].error_type == "output_too_large"
+    # No body was sent twice: every request is new content under its own key.
+    assert len({s.key for s in h.sent}) == len(h.sent)
+    assert len({json.dumps(s.body, sort_keys=True) for s in h.sent}) == len(h.sent)
+
+
+def test_an_oversized_error_body_is_dropped_and_its_status_still_decides() -> None:
+    h = Harness(Reply(503, raw=b"x" * 5000), ok, settings=limits())
+    (outcome,) = h.complete(make_tasks("a"))
+    assert outcome.status is OutcomeStatus.SUCCEEDED
+    assert [r.error_type for r in h.records] == ["http_503", None]
+    assert h.transport.bodies[0].read_to == 0
+
+
+def test_an_output_over_max_output_bytes_fails_only_that_task_without_a_retry() -> None:
+    h = Harness(batch_reply([item("a"), big_item("b", 600), item("c")]), settings=limits())
+    outcomes = by_id(h.complete(make_tasks("a", "b", "c"), idempotency_key="job-1:batch-1"))
+
+    assert outcomes["b"].status is OutcomeStatus.FAILED
+    assert outcomes["b"].error_type == "output_too_large"
+    assert outcomes["b"].error_message is not None
+    assert "max_output_bytes" in outcomes["b"].error_message
+    assert outcomes["b"].output is None
+    assert outcomes["b"].usage == Usage(10, 5)  # billed all the same
+    for task_id in ("a", "c"):
+        assert outcomes[task_id].status is OutcomeStatus.SUCCEEDED
+    assert len(h.sent) == 1
+
+
+def test_output_size_counts_utf8_bytes_not_characters() -> None:
+    # 200 characters of 3 bytes each: 600 bytes, over the 500 allowed.
+    h = Harness(batch_reply([item("a", output="€" * 200)]), settings=limits())
+    (outcome,) = h.complete(make_tasks("a"))
+    assert outcome.error_type == "output_too_large"
+
+
 # --- the audit trail ----------------------------------------------------------------
 
 
@@ -852,3 +1015,42 @@ def test_list_models_raises_a_clear_error_for_a_bad_key() -> None:
         h.client.list_models()
     assert info.value.http_status == 401
     assert info.value.error_type == "unauthorized"
+
+
+# --- before_send: the caller's say before every attempt -------------------------------
+
+
+def test_before_send_is_asked_before_every_attempt_and_a_refusal_stops_the_call() -> None:
+    """A budget spent mid-call stops the next round: the tasks left end REFUSED, unsent."""
+    asked: list[list[str]] = []
+
+    def before_send(ids: Any) -> str | None:
+        asked.append(list(ids))
+        return "budget_exhausted" if len(asked) > 1 else None
+
+    h = Harness(answer_except("b"), ok)
+    outcomes = by_id(h.complete(make_tasks("a", "b", "c"), before_send=before_send))
+    assert asked == [["a", "b", "c"], ["b"]]
+    assert [s.ids for s in h.sent] == [["a", "b", "c"]]
+    assert outcomes["a"].status is outcomes["c"].status is OutcomeStatus.SUCCEEDED
+    assert outcomes["b"].status is OutcomeStatus.REFUSED
+    assert outcomes["b"].error_type == "budget_exhausted"
+
+
+def test_before_send_refusing_a_retry_sends_nothing_more() -> None:
+    h = Harness(error_reply(503), ok)
+    calls = iter([None, "budget_exhausted"])
+    outcomes = h.complete(make_tasks("a", "b"), before_send=lambda ids: next(calls))
+    assert len(h.sent) == 1
+    assert {o.status for o in outcomes} == {OutcomeStatus.REFUSED}
+
+
+def test_before_send_refusing_the_second_413_half_keeps_the_first_halfs_answers() -> None:
+    h = Harness(error_reply(413), ok)
+    calls = iter([None, None, "budget_exhausted"])
+    outcomes = by_id(
+        h.complete(make_tasks("a", "b", "c", "d"), before_send=lambda ids: next(calls))
+    )
+    assert [s.ids for s in h.sent] == [["a", "b", "c", "d"], ["a", "b"]]
+    assert outcomes["a"].status is outcomes["b"].status is OutcomeStatus.SUCCEEDED
+    assert outcomes["c"].status is outcomes["d"].status is OutcomeStatus.REFUSED

@@ -12,12 +12,16 @@ from airflow.sdk import Connection
 from llm_hook import ClientSettings, LLMClient, LLMConfigError, LLMHook
 
 KEY = "sk-hook-test-0123456789"
+MODEL = "test-model"
 
 
 def connection(**fields: Any) -> Connection:
+    """Return an LLM connection; its extra names `MODEL` unless the test gives a model."""
     fields.setdefault("conn_type", "llm_batch")
     fields.setdefault("password", KEY)
-    if isinstance(fields.get("extra"), dict):
+    fields.setdefault("extra", {})
+    if isinstance(fields["extra"], dict):
+        fields["extra"] = {"model": MODEL, **fields["extra"]}
         fields["extra"] = json.dumps(fields["extra"])
     return Connection(conn_id=fields.pop("conn_id", "llm_default"), **fields)
 
@@ -47,9 +51,9 @@ def test_full_base_url_key_and_extra_fields() -> None:
         assert getattr(settings, name) == value
 
 
-def test_defaults_when_extra_is_empty() -> None:
+def test_defaults_when_extra_names_only_the_model() -> None:
     settings = ClientSettings.from_connection(connection(host="http://127.0.0.1:8765"))
-    assert (settings.adapter, settings.model) == ("batch", "sim-small")
+    assert (settings.adapter, settings.model) == ("batch", MODEL)
     assert (settings.connect_timeout_s, settings.timeout_s) == (5.0, 30.0)
     assert (settings.max_attempts, settings.max_rounds, settings.max_rate_limit_waits) == (4, 3, 20)
     assert (settings.backoff_base_s, settings.backoff_max_s, settings.max_retry_after_s) == (
@@ -58,6 +62,28 @@ def test_defaults_when_extra_is_empty() -> None:
         60.0,
     )
     assert (settings.price_input_per_1k, settings.price_output_per_1k) == (0.0, 0.0)
+
+
+def test_answer_limits_default_to_twice_the_read_timeout_and_caps_below_mongodb_documents() -> None:
+    settings = ClientSettings.from_connection(
+        connection(host="http://127.0.0.1:8765", extra={"timeout_s": 12})
+    )
+    assert (settings.request_deadline_s, settings.deadline_s) == (None, 24.0)
+    assert settings.max_response_bytes == 8 * 1024 * 1024
+    assert settings.max_output_bytes == 4 * 1024 * 1024  # a results document holds 16 MiB
+    assert settings.max_tokens_ceiling == 4096
+
+
+def test_answer_limits_are_read_from_the_extra_also_as_text() -> None:
+    conn = Connection.from_uri(
+        "llm-batch://:sk-from-uri-123@127.0.0.1:8765/http?model=sim-small&request_deadline_s=45"
+        "&max_response_bytes=1048576&max_output_bytes=65536&max_tokens_ceiling=800",
+        conn_id="llm_uri",
+    )
+    settings = ClientSettings.from_connection(conn)
+    assert settings.deadline_s == 45.0
+    assert (settings.max_response_bytes, settings.max_output_bytes) == (1048576, 65536)
+    assert settings.max_tokens_ceiling == 800
 
 
 @pytest.mark.parametrize(
@@ -91,7 +117,11 @@ def test_uri_form_with_extra_values_as_text() -> None:
 
 def test_orm_connection_model_works_too() -> None:
     conn = ModelConnection(
-        conn_id="llm_orm", conn_type="llm_batch", host="http://h:1", password=KEY, extra="{}"
+        conn_id="llm_orm",
+        conn_type="llm_batch",
+        host="http://h:1",
+        password=KEY,
+        extra=json.dumps({"model": MODEL}),
     )
     assert ClientSettings.from_connection(conn).base_url == "http://h:1"
 
@@ -116,6 +146,13 @@ def test_orm_connection_model_works_too() -> None:
         ({"host": "http://h", "extra": {"price_input_per_1k": -1}}, "`price_input_per_1k`"),
         ({"host": "http://h", "extra": {"adapter": "grpc"}}, "`adapter`"),
         ({"host": "http://h", "extra": {"model": ""}}, "`model`"),
+        ({"host": "http://h", "extra": {"request_deadline_s": 0}}, "`request_deadline_s`"),
+        ({"host": "http://h", "extra": {"request_deadline_s": "x"}}, "`request_deadline_s`"),
+        ({"host": "http://h", "extra": {"max_response_bytes": 0}}, "`max_response_bytes`"),
+        ({"host": "http://h", "extra": {"max_response_bytes": 1.5}}, "`max_response_bytes`"),
+        ({"host": "http://h", "extra": {"max_output_bytes": -1}}, "`max_output_bytes`"),
+        ({"host": "http://h", "extra": {"max_tokens_ceiling": 0}}, "`max_tokens_ceiling`"),
+        ({"host": "http://h", "extra": {"max_tokens_ceiling": True}}, "`max_tokens_ceiling`"),
     ],
 )
 def test_bad_settings_name_the_connection_field_to_fix(fields: dict[str, Any], says: str) -> None:
@@ -127,14 +164,26 @@ def test_bad_settings_name_the_connection_field_to_fix(fields: dict[str, Any], s
     assert "pw@" not in message
 
 
+def test_a_connection_without_a_model_is_refused_with_what_to_set() -> None:
+    conn = Connection(
+        conn_id="llm_default", conn_type="llm_batch", host="http://h", password=KEY, extra="{}"
+    )
+    with pytest.raises(
+        LLMConfigError,
+        match=r"No model: set `model` in the extra of connection "
+        r"'llm_default'",
+    ):
+        ClientSettings.from_connection(conn)
+
+
 def test_settings_repr_hides_the_api_key() -> None:
-    settings = ClientSettings(base_url="http://h", api_key=KEY)
+    settings = ClientSettings(base_url="http://h", api_key=KEY, model=MODEL)
     assert KEY not in repr(settings)
     assert KEY not in str(settings)
 
 
 def test_settings_are_frozen() -> None:
-    settings = ClientSettings(base_url="http://h", api_key=KEY)
+    settings = ClientSettings(base_url="http://h", api_key=KEY, model=MODEL)
     with pytest.raises(AttributeError):
         settings.model = "other"  # type: ignore[misc]
 
@@ -174,7 +223,14 @@ def test_test_connection_reports_an_unreachable_service(monkeypatch: pytest.Monk
     # Port 9 (discard) is closed on loopback: the connection is refused at once.
     monkeypatch.setenv(
         "AIRFLOW_CONN_LLM_DOWN",
-        json.dumps({"conn_type": "llm_batch", "host": "http://127.0.0.1:9", "password": KEY}),
+        json.dumps(
+            {
+                "conn_type": "llm_batch",
+                "host": "http://127.0.0.1:9",
+                "password": KEY,
+                "extra": {"model": MODEL},
+            }
+        ),
     )
     ok, message = LLMHook(llm_conn_id="llm_down").test_connection()
     assert not ok

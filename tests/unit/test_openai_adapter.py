@@ -263,11 +263,11 @@ def test_a_refusal_fails_the_whole_request_as_refused() -> None:
     assert "I can't help with that." in (parsed.items["a"].error_message or "")
 
 
-def test_output_cut_by_max_tokens_leaves_every_task_retryable() -> None:
+def test_output_cut_by_max_tokens_fails_the_whole_request() -> None:
     cut = json.dumps({"results": [result("a"), result("b")]})[:40]
     parsed = ADAPTER.parse_response(completion(cut, finish_reason="length"), IDS)
     assert parsed.whole_request == "output_truncated"
-    assert {item.status for item in parsed.items.values()} == {OutcomeStatus.RETRYABLE}
+    assert {item.status for item in parsed.items.values()} == {OutcomeStatus.FAILED}
     assert {item.error_type for item in parsed.items.values()} == {"output_truncated"}
 
 
@@ -377,13 +377,15 @@ def test_a_truncated_answer_is_split_and_a_single_task_retried_next_round() -> N
     assert [sent_ids(s) for s in h.sent] == [["a", "b"], ["a"], ["b"]]
 
 
-def test_a_single_task_cut_by_max_tokens_ends_retryable_with_the_reason() -> None:
+def test_a_single_task_cut_by_max_tokens_fails_without_being_sent_again() -> None:
+    """Each resend would be a new round, so a new key: billed at max_tokens every time."""
     cut = Reply(200, completion('{"results": [{"id": "a", "out', finish_reason="length"))
     h = Harness(cut, repeat_last=True, settings=replace(SETTINGS, adapter="openai"))
-    (outcome,) = h.complete(make_tasks("a"))
-    assert outcome.status is OutcomeStatus.RETRYABLE
+    (outcome,) = h.complete(make_tasks("a"), idempotency_key="job-1:b-1")
+    assert outcome.status is OutcomeStatus.FAILED
     assert outcome.error_type == "output_truncated"
-    assert len(h.sent) == SETTINGS.max_rounds
+    assert outcome.error_message is not None and "raise max_tokens" in outcome.error_message
+    assert len(h.sent) == 1
 
 
 def test_usage_of_a_chat_completion_is_billed_per_call() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from llm_hook.ratelimit import (
+from llm_hook.pacing import (
     FAILURES_TO_UNREACHABLE,
     MIN_FACTOR,
     PROBE_LEASE_S,

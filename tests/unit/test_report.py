@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
-from llm_batch.tasks import report
+from llm_batch.orchestration.task_bodies import report
 
 JOB = {"job_id": "job-1", "task_count": 20, "resumed": False}
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from llm_batch.config import MAX_TASKS_PER_JOB
-from llm_batch.selection import InvalidJobRequest, parse_job_request
+from llm_batch.request import InvalidJobRequest, parse_job_request
 
 
 def refusal(conf: dict[str, Any]) -> str:
@@ -130,3 +130,60 @@ def test_a_valid_request_keeps_its_settings() -> None:
     assert request.model == "sim-small"
     assert request.job_id == "job-1"
     assert request.llm_params == {"temperature": 0}
+
+
+def test_ids_that_would_travel_under_the_same_wire_id_are_refused_and_listed() -> None:
+    from bson import ObjectId
+
+    from llm_batch.selection import refuse_colliding_ids
+
+    hex_id = "65f0a1b2c3d4e5f601234567"
+    with pytest.raises(InvalidJobRequest) as info:
+        refuse_colliding_ids([hex_id, "other", ObjectId(hex_id), 7, "7"])
+    message = str(info.value)
+    assert "2 selected id(s) are the same text under different _id types" in message
+    assert f"'{hex_id}' (str) and ObjectId(\"{hex_id}\")" in message
+    assert "7 (int) and '7' (str)" in message
+
+
+def test_distinct_wire_ids_pass() -> None:
+    from bson import ObjectId
+
+    from llm_batch.selection import refuse_colliding_ids
+
+    refuse_colliding_ids(["a", ObjectId(), 1, "b"])
+
+
+def test_a_selection_slower_than_the_time_bound_is_refused_with_the_setting_to_raise() -> None:
+    from pymongo.errors import ExecutionTimeout
+
+    from llm_batch.selection import resolve_selection
+
+    class SlowTasks:
+        """Stands in for a collection whose query exceeds its maxTimeMS."""
+
+        name = "tasks"
+        bound_ms: int | None = None
+
+        def find(self, *args: Any) -> SlowTasks:
+            return self
+
+        def sort(self, *args: Any) -> SlowTasks:
+            return self
+
+        def limit(self, *args: Any) -> SlowTasks:
+            return self
+
+        def max_time_ms(self, ms: int) -> SlowTasks:
+            SlowTasks.bound_ms = ms
+            return self
+
+        def __iter__(self) -> Any:
+            raise ExecutionTimeout("operation exceeded time limit", 50)
+
+    request = parse_job_request({"filter": {"payload.text": {"$regex": "x"}}})
+    with pytest.raises(InvalidJobRequest) as info:
+        resolve_selection(SlowTasks(), request, timeout_s=2.5)  # type: ignore[arg-type]
+    assert SlowTasks.bound_ms == 2500
+    assert "took longer than 2.5 s" in str(info.value)
+    assert "LLM_BATCH_SELECTION_TIMEOUT_S" in str(info.value)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from llm_batch.simulator import (
+from llm_batch_dev.simulator import (
     SimulatorConfig,
     canonical_json,
     count_tokens,

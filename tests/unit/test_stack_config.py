@@ -13,19 +13,26 @@ from pymongo.common import validate
 from pymongo.uri_parser import parse_uri
 
 from llm_batch import config
-from llm_batch.stack import (
+from llm_batch.cli.local_stack import MARKER, REPO_ROOT
+from llm_batch.orchestration.local_settings import write_local_settings
+from llm_batch_dev.stack.__main__ import render_status
+from llm_batch_dev.stack.airflow_config import (
     AIRFLOW_TUNING,
-    MARKER,
-    REPO_ROOT,
-    Stack,
-    StackError,
-    StackSettings,
-    check_plugins_folder,
+    SQL_CONN_ENV,
+    airflow_environment,
+    max_connections,
+    metadata_db_environment,
+    record_metadata_db_in_config,
+)
+from llm_batch_dev.stack.errors import StackError
+from llm_batch_dev.stack.launcher import Stack
+from llm_batch_dev.stack.mongo_uri import (
     mongo_connection_fields,
     parse_mongo_uri,
-    render_status,
+    redact_uri,
     uri_with_database,
 )
+from llm_batch_dev.stack.settings import StackSettings
 
 
 def settings_from(tmp_path: Path, **env: str) -> StackSettings:
@@ -134,7 +141,7 @@ def test_free_port_settings_collide_with_nothing_and_with_each_other(tmp_path: P
 
 def test_airflow_gets_its_home_ports_folders_and_the_marker(tmp_path: Path) -> None:
     settings = settings_from(tmp_path, LLM_BATCH_AIRFLOW_PORT="18080", LLM_BATCH_POOL_SLOTS="6")
-    env = settings.airflow_environment({"PATH": "/usr/bin", "AIRFLOW_HOME": "/elsewhere"})
+    env = airflow_environment(settings, {"PATH": "/usr/bin", "AIRFLOW_HOME": "/elsewhere"})
     assert env["AIRFLOW_HOME"] == str(tmp_path.resolve() / "airflow")
     assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
     assert env["AIRFLOW__CORE__DAGS_FOLDER"] == str(REPO_ROOT / "dags")
@@ -145,9 +152,20 @@ def test_airflow_gets_its_home_ports_folders_and_the_marker(tmp_path: Path) -> N
     assert env["AIRFLOW__API__PORT"] == "18080"
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://127.0.0.1:18080/execution/"
     assert int(env["AIRFLOW__CORE__PARALLELISM"]) >= 6
-    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_POOL_SIZE"] == "0"
     assert len(env["AIRFLOW__API_AUTH__JWT_SECRET"]) >= 64
     assert env[MARKER] == str(tmp_path.resolve())
+
+
+def test_the_triggerer_has_room_and_threads_for_the_whole_pool(tmp_path: Path) -> None:
+    small = airflow_environment(settings_from(tmp_path, LLM_BATCH_POOL_SLOTS="8"), {})
+    large = airflow_environment(settings_from(tmp_path, LLM_BATCH_POOL_SLOTS="2000"), {})
+    assert small["AIRFLOW__TRIGGERER__CAPACITY"] == "1000"
+    assert small[config.TRIGGER_THREADS_ENV] == "8"
+    assert int(large["AIRFLOW__TRIGGERER__CAPACITY"]) > 2000
+    assert large[config.TRIGGER_THREADS_ENV] == "2000"
+    exported = {"AIRFLOW__TRIGGERER__CAPACITY": "50", config.TRIGGER_THREADS_ENV: "4"}
+    env = airflow_environment(settings_from(tmp_path), exported)
+    assert env["AIRFLOW__TRIGGERER__CAPACITY"] == "50" and env[config.TRIGGER_THREADS_ENV] == "4"
 
 
 def test_the_callers_airflow_variables_win_over_tuning_but_not_over_placement(
@@ -159,11 +177,46 @@ def test_the_callers_airflow_variables_win_over_tuning_but_not_over_placement(
         "AIRFLOW__API__PORT": "1",
         "AIRFLOW__API__WORKERS": "1",
     }
-    env = settings.airflow_environment(base)
+    env = airflow_environment(settings, base)
     assert "AIRFLOW__SCHEDULER__MAX_TIS_PER_QUERY" in AIRFLOW_TUNING
     assert env["AIRFLOW__SCHEDULER__MAX_TIS_PER_QUERY"] == "64"
     assert env["AIRFLOW__API__PORT"] == "8080"
     assert env["AIRFLOW__API__WORKERS"] == "3", "explicit airflow_env wins over everything"
+
+
+def test_the_metadata_db_is_the_stacks_own_postgresql_whatever_the_caller_exports(
+    tmp_path: Path,
+) -> None:
+    settings = StackSettings(work_dir=tmp_path)
+    env = airflow_environment(settings, {SQL_CONN_ENV: "sqlite:////elsewhere/airflow.db"})
+    socket_dir = tmp_path.resolve() / "postgres" / "run"
+    assert env[SQL_CONN_ENV].startswith("postgresql+psycopg2://")
+    assert env[SQL_CONN_ENV].endswith(f"/airflow?host={socket_dir}")
+    assert ":" not in env[SQL_CONN_ENV].split("://", 1)[1].split("@")[0], "no password"
+    assert metadata_db_environment(settings)[SQL_CONN_ENV] == env[SQL_CONN_ENV]
+
+
+def test_the_pool_covers_every_running_task_and_the_server_every_pool(tmp_path: Path) -> None:
+    settings = StackSettings(work_dir=tmp_path, pool_slots=32)
+    env = airflow_environment(settings, {})
+    pool = int(env["AIRFLOW__DATABASE__SQL_ALCHEMY_POOL_SIZE"])
+    overflow = int(env["AIRFLOW__DATABASE__SQL_ALCHEMY_MAX_OVERFLOW"])
+    assert pool + overflow >= settings.parallelism, "one connection per concurrent API call"
+    api_workers = int(env["AIRFLOW__API__WORKERS"])
+    assert max_connections(settings, env) >= (api_workers + 4) * (pool + overflow)
+    more_workers = {**env, "AIRFLOW__API__WORKERS": str(api_workers + 2)}
+    assert max_connections(settings, more_workers) > max_connections(settings, env)
+
+
+def test_a_lost_instance_is_failed_within_a_minute_and_api_calls_are_not_resent_early(
+    tmp_path: Path,
+) -> None:
+    env = airflow_environment(StackSettings(work_dir=tmp_path), {})
+    timeout = int(env["AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT"])
+    interval = float(env["AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL"])
+    assert timeout + interval <= 60
+    assert timeout >= 5 * 6, "several missed heartbeats (one per 5 s) before a task is failed"
+    assert float(env["AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT"]) > 5
 
 
 # MongoDB URIs
@@ -307,21 +360,13 @@ def test_uri_with_database_names_the_database_and_changes_nothing_else(
         )
 
 
-# Plugins folder and status
+def test_a_redacted_uri_keeps_everything_but_the_password() -> None:
+    uri = "mongodb://app:s3cr%40t@db1:27017,db2:27017/jobs?replicaSet=rs0"
+    assert redact_uri(uri) == "mongodb://app:***@db1:27017,db2:27017/jobs?replicaSet=rs0"
+    assert redact_uri("mongodb://db1:27017/jobs") == "mongodb://db1:27017/jobs"
 
 
-def test_a_plugins_file_named_like_a_stdlib_module_is_refused(tmp_path: Path) -> None:
-    package = tmp_path / "llm_hook"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "types.py").write_text("")
-    (tmp_path / "my_plugin.py").write_text("")
-    with pytest.raises(StackError, match=r"llm_hook/types\.py") as refused:
-        check_plugins_folder(tmp_path)
-    assert ".airflowignore" in str(refused.value)
-
-    (tmp_path / ".airflowignore").write_text("# installed with the project\nllm_hook/\n")
-    check_plugins_folder(tmp_path)
+# Status
 
 
 def test_status_of_a_stack_that_never_started_says_how_to_start_it(tmp_path: Path) -> None:
@@ -334,12 +379,10 @@ def test_the_preload_imports_what_a_batch_task_needs_and_nothing_of_airflow(
     tmp_path: Path,
 ) -> None:
     """Run in a fresh interpreter: Airflow imports it while Airflow itself is half-imported."""
-    from llm_batch.stack import write_local_settings
-
     settings = write_local_settings(tmp_path)
     code = (
         "import sys, runpy; runpy.run_path(sys.argv[1]); "
-        "from llm_batch.preload import MODULES; "
+        "from llm_batch.orchestration.preload import MODULES; "
         "assert all(m in sys.modules for m in MODULES), MODULES; "
         "assert not [m for m in sys.modules if m.split('.')[0] == 'airflow'], 'airflow imported'"
     )
@@ -348,3 +391,26 @@ def test_the_preload_imports_what_a_batch_task_needs_and_nothing_of_airflow(
     )
     assert done.returncode == 0, done.stderr
     assert settings == tmp_path / "config" / "airflow_local_settings.py"
+
+
+def test_airflow_cfg_names_the_stacks_database_so_airflow_home_alone_reaches_it(
+    tmp_path: Path,
+) -> None:
+    cfg = tmp_path / "airflow.cfg"
+    cfg.write_text(
+        "[core]\nsql_alchemy_conn = not-this-one\n\n[database]\n# the URL\n"
+        "sql_alchemy_conn = sqlite:////x/airflow.db\n\n[logging]\nlevel = INFO\n"
+    )
+    url = "postgresql+psycopg2://me@/airflow?host=/w/postgres/run"
+    record_metadata_db_in_config(tmp_path, url)
+    record_metadata_db_in_config(tmp_path, url)
+    text = cfg.read_text()
+    assert text.count(f"sql_alchemy_conn = {url}") == 1
+    assert "sqlite" not in text and "sql_alchemy_conn = not-this-one" in text
+    assert text.index(url) < text.index("[logging]")
+    assert cfg.stat().st_mode & 0o077 == 0
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "airflow.cfg").write_text("[core]\nload_examples = False\n")
+    record_metadata_db_in_config(bare, url)
+    assert (bare / "airflow.cfg").read_text().endswith(f"[database]\nsql_alchemy_conn = {url}\n")

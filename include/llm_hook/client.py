@@ -11,21 +11,22 @@ not resting, after the rate limiter has reserved a slot on it. An attempt that f
 for a transient reason rests its endpoint (for everyone, through the limiter's store,
 when the failure says the endpoint is overloaded or unreachable), so the retry goes
 to another endpoint if there is one.
+
+The HTTP exchange itself (one POST under the deadline and the size cap) is
+`llm_hook.transport`'s; the wire rules (canonical bodies, idempotency keys,
+`Retry-After`, backoff, what each status means) are `llm_hook.wire`'s.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import random
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any
 
@@ -37,10 +38,22 @@ from llm_hook.adapters import ParsedResponse, error_detail, make_adapter
 from llm_hook.endpoints import EndpointRouter
 from llm_hook.exceptions import LLMRequestError, LLMResponseError
 from llm_hook.pacing import EndpointPolicy, EndpointState, Feedback, Grant, RateLimiter
-from llm_hook.params import requested_max_tokens
 from llm_hook.reading import Cut, read_body
 from llm_hook.settings import ClientSettings, EndpointSettings
+from llm_hook.transport import Answer, Transport
 from llm_hook.types import CallRecord, LLMTask, OutcomeStatus, TaskOutcome, Usage
+from llm_hook.wire import (
+    ABORT_ERROR_TYPES,
+    OUTPUT_TOO_LARGE,
+    PERMANENT_ERROR_TYPES,
+    BearerAuth,
+    derive_idempotency_key,
+    encode_body,
+    estimate_tokens,
+    full_jitter_delay,
+    json_or_none,
+    parse_retry_after,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,81 +61,6 @@ MAX_TASKS_PER_REQUEST = 10
 """The batch service takes 1 to 10 tasks per request."""
 POOL_MAXSIZE = 16
 """Keep-alive connections kept per host by a client's own session."""
-
-PERMANENT_5XX = frozenset({501, 505})
-"""Server errors that say the request itself can never work; every other 5xx may pass."""
-REPLAYED_HEADER = "Idempotent-Replayed"
-"""Response header a service sets when it answers a repeated Idempotency-Key from its store."""
-ABORT_ERROR_TYPES = {401: "unauthorized", 403: "forbidden", 404: "not_found"}
-PERMANENT_ERROR_TYPES = {400: "bad_request", 422: "unprocessable"}
-OUTPUT_TOO_LARGE = "output_too_large"
-"""Error type of a task whose answer is larger than the connection allows."""
-
-
-def encode_body(body: Mapping[str, Any]) -> bytes:
-    """Serialize a request body canonically: equal bodies give equal bytes."""
-    try:
-        text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"Task inputs and params must be plain JSON values: {exc}") from exc
-    return text.encode("utf-8")
-
-
-def derive_idempotency_key(base_key: str, body: bytes, round_no: int) -> str:
-    """Return the Idempotency-Key of one request: sha256 of (base key, round, canonical body).
-
-    The body holds the model, instructions, params and the tasks (sorted by id,
-    with their inputs), so transport retries of a request reuse its key, and
-    so does a fresh worker redoing the same unit of work: the service replays
-    instead of billing twice. A later round or a 413 half is a different
-    request with a different key. A key never names two different bodies,
-    which servers reject (422) or, worse, answer with a stale reply.
-    """
-    digest = hashlib.sha256(json.dumps([base_key, round_no]).encode("utf-8"))
-    digest.update(b"\n")
-    digest.update(body)
-    return digest.hexdigest()
-
-
-def full_jitter_delay(rng: random.Random, failures: int, base_s: float, max_s: float) -> float:
-    """Return a delay drawn uniformly from [0, min(max_s, base_s * 2**(failures-1))].
-
-    Full jitter (tenacity's `wait_random_exponential`) keeps many uncoordinated
-    workers from retrying against the service in lockstep.
-    """
-    return rng.uniform(0.0, min(max_s, base_s * 2 ** (failures - 1)))
-
-
-def parse_retry_after(value: str | None, now: datetime) -> float | None:
-    """Return the seconds a `Retry-After` header asks for (delta-seconds or HTTP date)."""
-    if not value or not value.strip():
-        return None
-    text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(text)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        return max(0.0, (when - now).total_seconds())
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
-class _BearerAuth(requests.auth.AuthBase):
-    """Sets the bearer header; passed as `auth=` so a ~/.netrc cannot override it."""
-
-    def __init__(self, api_key: str) -> None:
-        self._api_key = api_key
-
-    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        request.headers["Authorization"] = f"Bearer {self._api_key}"
-        return request
-
-    def __repr__(self) -> str:
-        return "_BearerAuth(***)"
 
 
 @dataclass
@@ -132,40 +70,6 @@ class _TaskState:
     outcome: TaskOutcome | None = None
     last_error_type: str = "not_sent"
     last_error_message: str = "the task was never sent"
-
-
-@dataclass
-class _Answer:
-    """What one HTTP attempt produced."""
-
-    http_status: int | None
-    error_type: str | None
-    message: str
-    latency_ms: int
-    parsed: ParsedResponse | None = None
-    body: Any = None
-    retry_after: str | None = None
-    replayed: bool = False
-    """The service answered from its idempotency store: nothing was processed or billed."""
-    connect_failed: bool = False
-    """No connection could be made: the endpoint, not this request, is the problem."""
-    headers: Mapping[str, str] = field(default_factory=dict)
-    """Response headers the rate limiter learns from (`x-ratelimit-*`)."""
-    too_large: bool = False
-    """A 200 whose body exceeded `max_response_bytes`: answered, but not read."""
-
-    @property
-    def transient(self) -> bool:
-        """No usable answer, but a retry may get one: no response, 5xx/408, or a bad 2xx body."""
-        status = self.http_status
-        if self.parsed is not None or self.too_large:
-            return False
-        return (
-            status is None
-            or status == 408
-            or (500 <= status < 600 and status not in PERMANENT_5XX)
-            or 200 <= status < 300
-        )
 
 
 @dataclass
@@ -245,7 +149,7 @@ class LLMClient:
         self._clock = clock
         self.rate_limiter = rate_limiter if rate_limiter is not None else RateLimiter()
         self.endpoints = settings.endpoint_list()
-        self._auths = {e.id: _BearerAuth(e.api_key) for e in self.endpoints}
+        self._auths = {e.id: BearerAuth(e.api_key) for e in self.endpoints}
         self._policies = {
             e.id: EndpointPolicy(
                 e.id,
@@ -258,6 +162,7 @@ class LLMClient:
             for e in self.endpoints
         }
         self._router = EndpointRouter(self.endpoints, rng=self._rng, clock=clock)
+        self._transport = Transport(settings, clock=clock)
         self._secrets = sorted({e.api_key for e in self.endpoints}, key=len, reverse=True)
 
     def __repr__(self) -> str:
@@ -337,12 +242,12 @@ class LLMClient:
             error_type = ABORT_ERROR_TYPES.get(response.status_code, f"http_{response.status_code}")
             raise LLMRequestError(
                 self._status_message(
-                    response.status_code, _json_or_none(read.data), self.settings.model, endpoint
+                    response.status_code, json_or_none(read.data), self.settings.model, endpoint
                 ),
                 error_type=error_type,
                 http_status=response.status_code,
             )
-        body = _json_or_none(read.data)
+        body = json_or_none(read.data)
         if body is None:
             raise LLMResponseError(f"{url} answered 200 with a body that is not JSON.")
         return self._adapter.parse_models(body)
@@ -540,7 +445,7 @@ class LLMClient:
         endpoint: EndpointSettings,
         grant: Grant,
         feedback: Feedback,
-        answer: _Answer,
+        answer: Answer,
         tokens: int,
         rest_s: float = 0.0,
     ) -> None:
@@ -681,7 +586,7 @@ class LLMClient:
         data: bytes,
         ids: Sequence[str],
         key: str | None,
-    ) -> _Answer:
+    ) -> Answer:
         """Make one HTTP attempt, account for it and report it to `on_call`."""
         run.attempt += 1
         for task_id in ids:
@@ -692,7 +597,9 @@ class LLMClient:
             headers["Idempotency-Key"] = key
         at = datetime.now(UTC)
         started = self._clock()
-        answer = self._exchange(url, data, headers, self._auths[endpoint.id])
+        answer = self._transport.exchange(
+            self._session, url, data, headers, self._auths[endpoint.id]
+        )
         answer.latency_ms = max(0, int((self._clock() - started) * 1000))
         if answer.parsed is None and answer.http_status == 200 and answer.body is not None:
             try:
@@ -732,102 +639,6 @@ class LLMClient:
                 )
             )
         return answer
-
-    def _exchange(
-        self, url: str, data: bytes, headers: dict[str, str], auth: _BearerAuth
-    ) -> _Answer:
-        """POST and read the answer; transport failures become an `_Answer` without a status.
-
-        The body is read as it arrives, under the connection's wall-clock deadline and
-        `max_response_bytes`: a breach closes the connection and reads nothing more.
-        """
-        timeouts = (self.settings.connect_timeout_s, self.settings.timeout_s)
-        deadline = self._clock() + self.settings.deadline_s
-        try:
-            response = self._session.post(
-                url, data=data, headers=headers, auth=auth, timeout=timeouts, stream=True
-            )
-        except requests.ConnectTimeout:
-            return _Answer(
-                None,
-                "timeout",
-                f"could not connect within {self.settings.connect_timeout_s}s",
-                0,
-                connect_failed=True,
-            )
-        except requests.Timeout:
-            return _Answer(None, "timeout", f"no response within {self.settings.timeout_s}s", 0)
-        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError):
-            return _Answer(None, "bad_response", "the response body was cut off or garbled", 0)
-        except requests.RequestException as exc:
-            return _Answer(
-                None,
-                "connection_error",
-                f"the connection failed ({type(exc).__name__})",
-                0,
-                connect_failed=_never_connected(exc),
-            )
-        status = response.status_code
-        limits = {k: v for k, v in response.headers.items() if k.lower().startswith("x-ratelimit")}
-        try:
-            read = read_body(
-                response,
-                deadline=deadline,
-                max_bytes=self.settings.max_response_bytes,
-                clock=self._clock,
-            )
-        except urllib3.exceptions.ReadTimeoutError:
-            response.close()
-            return _Answer(None, "timeout", f"no response within {self.settings.timeout_s}s", 0)
-        except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError):
-            response.close()
-            return _Answer(None, "bad_response", "the response body was cut off or garbled", 0)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            response.close()
-            return _Answer(
-                None, "connection_error", f"the connection failed ({type(exc).__name__})", 0
-            )
-        if read.cut is Cut.DEADLINE:
-            return _Answer(
-                None,
-                "timeout",
-                f"the response was not complete within the {self.settings.deadline_s}s deadline "
-                "(`request_deadline_s`)",
-                0,
-            )
-        if read.cut is Cut.TOO_LARGE and status == 200:
-            log.warning(
-                "LLM response over max_response_bytes=%d: closed after %d byte(s)",
-                self.settings.max_response_bytes,
-                read.size,
-            )
-            return _Answer(
-                status,
-                OUTPUT_TOO_LARGE,
-                f"the answer was over {self.settings.max_response_bytes} bytes "
-                "(`max_response_bytes`)",
-                0,
-                too_large=True,
-                headers=limits,
-            )
-        # An oversized error body is dropped: its status says what to do.
-        body = _json_or_none(read.data)
-        if status == 200:
-            if body is None:
-                return _Answer(status, "bad_response", "the 200 response was not JSON", 0)
-            replayed = response.headers.get(REPLAYED_HEADER, "").lower() == "true"
-            return _Answer(status, None, "", 0, body=body, replayed=replayed, headers=limits)
-        if 200 <= status < 300:
-            return _Answer(status, "bad_response", f"unexpected HTTP {status}", 0, body=body)
-        return _Answer(
-            status,
-            f"http_{status}",
-            f"HTTP {status}",
-            0,
-            body=body,
-            retry_after=response.headers.get("Retry-After"),
-            headers=limits,
-        )
 
     def _apply(self, run: _Run, parsed: ParsedResponse) -> None:
         """Resolve the tasks a 200 settled; remember why the others must be asked again."""
@@ -1001,49 +812,6 @@ def _check_tasks(tasks: Sequence[LLMTask]) -> None:
     duplicates = sorted(task_id for task_id, n in Counter(ids).items() if n > 1)
     if duplicates:
         raise ValueError(f"Task ids must be unique within a call; repeated: {duplicates}")
-
-
-def estimate_tokens(data: bytes, params: Mapping[str, Any] | None) -> int:
-    """Guess a request's tokens before sending: its bytes / 4, plus its output bound.
-
-    Without an output bound the output is guessed as large as the input. The rate
-    limiter settles the difference once the service reports the real usage.
-    """
-    prompt = math.ceil(len(data) / 4)
-    bound = requested_max_tokens(params)
-    return 2 * prompt if bound is None else prompt + bound
-
-
-def _never_connected(exc: requests.RequestException) -> bool:
-    """Say whether a connection error happened before any byte was sent (refused, DNS)."""
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(
-            cause, urllib3.exceptions.NewConnectionError | urllib3.exceptions.ConnectTimeoutError
-        ):
-            return True
-        # requests wraps urllib3's MaxRetryError in args[0]; that holds the cause in `reason`.
-        reason = getattr(cause, "reason", None)
-        first = cause.args[0] if cause.args else None
-        if isinstance(reason, BaseException):
-            cause = reason
-        elif isinstance(first, BaseException):
-            cause = first
-        else:
-            cause = cause.__cause__
-    return False
-
-
-def _json_or_none(data: bytes | None) -> Any:
-    """Decode a JSON body (UTF-8, -16 or -32, as `json.loads` detects); None if it is not."""
-    if not data:
-        return None
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError):
-        return None
 
 
 def _output_size(output: Any) -> int:

@@ -27,7 +27,7 @@ from llm_hook import (
     TaskOutcome,
     Usage,
 )
-from llm_hook.client import (
+from llm_hook.wire import (
     derive_idempotency_key,
     encode_body,
     full_jitter_delay,

@@ -81,7 +81,7 @@ def reference_run(url: str, api_key: str, requests_count: int, workers: int) -> 
 def hook_overhead(url: str, api_key: str, iterations: int) -> dict[str, float]:
     """Median ms per request: LLMClient.complete vs a raw requests.post of the same body."""
     from llm_hook.adapters import BatchAdapter
-    from llm_hook.client import encode_body
+    from llm_hook.wire import encode_body
 
     tasks = _tasks("hook", 0)
     path, body = BatchAdapter().build_request(tasks, "sim-small", None, None)

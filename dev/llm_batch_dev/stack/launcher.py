@@ -174,7 +174,8 @@ class Stack:
         sessions = {int(r["pid"]) for r in records.values()} | {
             proc.pid for proc in self._started.values()
         }
-        live_sessions = {proc.sid for proc in self._processes(sessions)}
+        live = processes.find_stack_processes(self.work_dir, sessions)
+        live_sessions = {proc.sid for proc in live}
         # The metadata DB last: Airflow's components write their final states as they stop.
         for name in ("airflow", "simulator", "mongo", "postgres"):
             proc = self._started.pop(name, None)
@@ -189,7 +190,7 @@ class Stack:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.popen.wait(timeout=1)
         # Task processes run in groups of their own, so the group stops above can miss them.
-        leftovers = [proc.pid for proc in self._processes(sessions)]
+        leftovers = [proc.pid for proc in processes.find_stack_processes(self.work_dir, sessions)]
         if leftovers:
             log.info("stopping %d leftover processes of %s", len(leftovers), self.work_dir)
             processes.terminate(leftovers, grace_s=10)
@@ -202,7 +203,7 @@ class Stack:
         """What the state file says runs, checked against live processes and Airflow's health."""
         recorded = self.read_state()
         if recorded is None:
-            leftovers = [proc.pid for proc in self._processes()]
+            leftovers = [proc.pid for proc in processes.find_stack_processes(self.work_dir)]
             return {"running": False, "work_dir": str(self.work_dir), "leftover_pids": leftovers}
         alive = self._alive(recorded)
         services = {
@@ -419,42 +420,11 @@ class Stack:
         log.info("stack in %s already runs; pool and connections re-applied", self.work_dir)
         return True
 
-    def _processes(self, sessions: Collection[int] = ()) -> list[processes.ProcessInfo]:
-        """The live processes of this stack: every member of a session it started.
-
-        A session is this stack's if one of its processes carries the marker, or if it is a
-        recorded one and still runs in the work dir: Airflow's api-server and executor workers
-        rewrite their titles, which wipes the environment /proc shows, but not their session or
-        working directory (PostgreSQL's is its data dir, inside the work dir). Nothing below this
-        process is ever included.
-        """
-        everything = processes.snapshot()
-        marker = f"{MARKER}={self.work_dir}".encode()
-        ours = {proc.sid for proc in everything if marker in proc.environ}
-        ours |= {
-            proc.sid
-            for proc in everything
-            if proc.sid in sessions and processes.within(proc.cwd, self.work_dir)
-        }
-        members = {proc.pid for proc in everything if proc.sid in ours}
-        # PostgreSQL's server processes start sessions of their own and lose the marker with
-        # their titles: they are the children of its postmaster, in its data dir.
-        members |= {
-            proc.pid
-            for proc in everything
-            if proc.ppid in members and processes.within(proc.cwd, self.work_dir)
-        }
-        spare = processes.ancestors(os.getpid())
-        return [
-            proc
-            for proc in everything
-            if proc.pid in members and proc.pid not in spare and not proc.zombie
-        ]
-
     def _alive(self, recorded: Mapping[str, Any]) -> dict[str, bool]:
         """For each recorded service: does its session leader still run as part of this stack?"""
         records = recorded.get("processes", {})
-        running = {proc.pid for proc in self._processes({int(r["pid"]) for r in records.values()})}
+        sessions = {int(r["pid"]) for r in records.values()}
+        running = {proc.pid for proc in processes.find_stack_processes(self.work_dir, sessions)}
         return {name: int(record["pid"]) in running for name, record in records.items()}
 
     def _check_ports_free(self) -> None:

@@ -1,4 +1,7 @@
-"""Start and stop local services (MongoDB-wire server, LLM simulator, Airflow) as process groups."""
+"""Start, find and stop the local services (MongoDB-wire server, LLM simulator, Airflow).
+
+Each runs as a process group in a session of its own.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +12,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from llm_batch.cli.local_stack import MARKER
 
 
 def free_port() -> int:
@@ -226,6 +231,33 @@ def ancestors(pid: int) -> set[int]:
             break
         chain.add(pid)
     return chain
+
+
+def find_stack_processes(work_dir: Path, sessions: Collection[int] = ()) -> list[ProcessInfo]:
+    """Return the live processes of the stack in `work_dir`: every member of a session it started.
+
+    A session is this stack's if one of its processes carries the marker, or if it is a
+    recorded one and still runs in the work dir: Airflow's api-server and executor workers
+    rewrite their titles, which wipes the environment /proc shows, but not their session or
+    working directory (PostgreSQL's is its data dir, inside the work dir). Nothing below this
+    process is ever included.
+    """
+    everything = snapshot()
+    marker = f"{MARKER}={work_dir}".encode()
+    ours = {proc.sid for proc in everything if marker in proc.environ}
+    ours |= {proc.sid for proc in everything if proc.sid in sessions and within(proc.cwd, work_dir)}
+    members = {proc.pid for proc in everything if proc.sid in ours}
+    # PostgreSQL's server processes start sessions of their own and lose the marker with
+    # their titles: they are the children of its postmaster, in its data dir.
+    members |= {
+        proc.pid for proc in everything if proc.ppid in members and within(proc.cwd, work_dir)
+    }
+    spare = ancestors(os.getpid())
+    return [
+        proc
+        for proc in everything
+        if proc.pid in members and proc.pid not in spare and not proc.zombie
+    ]
 
 
 def terminate(pids: Sequence[int], grace_s: float = 10.0) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from llm_batch import documents
 from llm_batch.cache import ResponseCache
-from llm_batch.processing import BatchRun, Pending, store_in_cache, utcnow
+from llm_batch.processing import BatchRun, store_in_cache, utcnow
 from llm_batch.provider_batch import (
     TERMINAL,
     BatchTransport,
@@ -124,11 +124,8 @@ def _read_line(
     run = BatchRun(store, job_id, batch_no, 1, now)
     work = run.load_batch()
     sent = [str(t) for t in request["task_ids"]]
-    pending = Pending(
-        payloads=store.task_payloads(request["task_ids"]),
-        present=list(request["task_ids"]),
-        vanished=[],
-    )
+    # A task deleted while the provider worked ends `task_missing`, as on the sync path.
+    pending = run.read_inputs(list(request["task_ids"]))
     response = line.get("response") or {}
     status_code = response.get("status_code") if isinstance(response, dict) else None
     model = work.model or conn.model
@@ -155,6 +152,8 @@ def _read_line(
             else _unanswered(t, error_type, message, model)
             for t in sent
         ]
+    present = {str(t) for t in pending.present}
+    outcomes = [o for o in outcomes if o.task_id in present]
     call = CallRecord(
         endpoint=f"{conn.endpoint}/v1/batches/{doc['provider_batch_id']}",
         attempt=1,
@@ -175,7 +174,7 @@ def _read_line(
         store_in_cache(cache, conn.scope(work.model), work, pending, outcomes)
     statuses = Counter(o.status for o in outcomes)
     delivered.succeeded += statuses[OutcomeStatus.SUCCEEDED]
-    delivered.failed += statuses[OutcomeStatus.FAILED]
+    delivered.failed += statuses[OutcomeStatus.FAILED] + len(pending.vanished)
     delivered.unanswered += statuses[OutcomeStatus.RETRYABLE]
     delivered.cost_usd += call.cost_usd
     if statuses[OutcomeStatus.RETRYABLE]:

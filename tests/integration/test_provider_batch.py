@@ -168,6 +168,32 @@ class TestCompletedBatch:
         assert sim.stats()["batch_api"]["batches_created"] == 1
 
 
+    def test_a_task_deleted_while_the_provider_worked_ends_task_missing_and_the_rest_stored(
+        self,
+        store: JobStore,
+        start_simulator: StartSimulator,
+        make_api: Callable[..., BatchApiClient],
+    ) -> None:
+        sim = start_simulator(**FAST)
+        api = make_api(sim)
+        cache = ResponseCache(store.db["llm_cache"], max_age_s=3600)
+        cache.ensure_indexes()
+        task_ids = seed(store, 10)
+        job_id = new_job(store, task_ids)
+        conn = connection(api)
+        docs = provider_batch.attach_or_submit(store, api, conn, job_id, cache=cache)
+        store.tasks.delete_one({"_id": task_ids[3]})
+        wait_until_ended(api, [doc["provider_batch_id"] for doc in docs])
+
+        provider_output.read_back(store, api, conn, job_id, cache=cache)
+
+        statuses = {r["task_id"]: r for r in store.results.find({"job_id": job_id})}
+        assert statuses[task_ids[3]]["error"]["type"] == "task_missing"
+        assert sum(r["status"] == "succeeded" for r in statuses.values()) == 9
+        assert provider_batch.active_batches(store, job_id) == []
+        assert cache.collection.count_documents({}) == 9
+
+
 class TestReattach:
     def test_a_resumed_job_re_attaches_instead_of_submitting_again(
         self,

@@ -27,6 +27,7 @@ from llm_batch.models import ErrorType, ResultStatus
 from llm_batch.processing import BatchRun, answer_from_cache, utcnow
 from llm_batch.store import JobStore
 from llm_hook.adapters import Adapter
+from llm_hook.exceptions import LLMRequestError
 from llm_hook.params import requested_max_tokens
 from llm_hook.types import LLMTask
 
@@ -367,7 +368,14 @@ def _create_once(
     if found is None:
         content = b"".join(line.data + b"\n" for line in part)
         file_id = api.upload_file(content, f"{key.replace(':', '_')}.jsonl")
-        found = api.create_batch(file_id, {"llm_batch_job": job_id, "llm_batch_key": key})
+        try:
+            found = api.create_batch(file_id, {"llm_batch_job": job_id, "llm_batch_key": key})
+        except LLMRequestError:
+            # A timeout or 5xx may come after the provider made the batch: never make a second.
+            found = _find_by_key(api, key, _aware(doc.get("created_at")))
+            if found is None:
+                raise
+            log.warning("job_id=%s: create of %s failed, but the provider has it", job_id, key)
         log.info("job_id=%s: provider batch %s created (%s)", job_id, found.get("id"), key)
     else:
         log.info("job_id=%s: provider batch %s found by its metadata", job_id, found.get("id"))

@@ -15,6 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
@@ -23,14 +24,13 @@ import requests
 from llm_hook.adapters import error_detail
 from llm_hook.exceptions import LLMRequestError
 from llm_hook.settings import ClientSettings, EndpointSettings
+from llm_hook.wire import BearerAuth, full_jitter_delay, json_or_none, parse_retry_after
 
 log = logging.getLogger(__name__)
 
 COMPLETION_WINDOW = "24h"
-TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
-"""Statuses after which a provider batch changes no more."""
-PENDING_STATUSES = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+"""Statuses after which a call that may safely run twice (a read, a cancel) is sent again."""
 LIST_PAGE = 100
 
 
@@ -43,12 +43,15 @@ class BatchApiClient:
         *,
         session: requests.Session | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
         self.endpoint: EndpointSettings = settings.endpoint_list()[0]
         self._owns_session = session is None
         self._session = session or requests.Session()
         self._sleep = sleep
+        self._rng = rng if rng is not None else random.Random()
+        self._auth = BearerAuth(self.endpoint.api_key)
 
     def __enter__(self) -> BatchApiClient:
         return self
@@ -71,6 +74,7 @@ class BatchApiClient:
         body = self._call(
             "POST",
             "/v1/files",
+            idempotent=False,
             data={"purpose": "batch"},
             files={"file": (filename, content, "application/jsonl")},
             timeout_s=max(self.settings.timeout_s, 120.0),
@@ -78,10 +82,15 @@ class BatchApiClient:
         return str(body["id"])
 
     def create_batch(self, input_file_id: str, metadata: Mapping[str, str]) -> dict[str, Any]:
-        """Submit the uploaded file as a batch of chat completions; return the batch object."""
+        """Submit the uploaded file as a batch of chat completions; return the batch object.
+
+        Not sent twice: after an answer that may have come from a batch the provider made (a
+        timeout, a 5xx), the caller looks for it by its metadata before creating another.
+        """
         return self._call(
             "POST",
             "/v1/batches",
+            idempotent=False,
             json={
                 "input_file_id": input_file_id,
                 "endpoint": "/v1/chat/completions",
@@ -128,36 +137,59 @@ class BatchApiClient:
         *,
         raw: bool = False,
         timeout_s: float | None = None,
+        idempotent: bool = True,
         **kwargs: Any,
     ) -> Any:
-        """Send one call, retrying transient failures; raise `LLMRequestError` with what to fix."""
+        """Send one call, retrying transient failures; raise `LLMRequestError` with what to fix.
+
+        A call that is not `idempotent` (a create, an upload) is sent again only when the
+        provider cannot have acted on it: a 429 or a connection never made. After a timeout or
+        a 5xx it may have, and a second one would be a second, billed batch.
+        """
         url = self.endpoint.url + path
-        headers = {"Authorization": f"Bearer {self.endpoint.api_key}"}
         timeout = (self.settings.connect_timeout_s, timeout_s or self.settings.timeout_s)
         problem, status = "", None
         for attempt in range(1, self.settings.max_attempts + 1):
+            retry_after: float | None = None
             try:
                 response = self._session.request(
-                    method, url, headers=headers, timeout=timeout, **kwargs
+                    method, url, auth=self._auth, timeout=timeout, **kwargs
                 )
             except requests.RequestException as exc:
                 problem = f"{type(exc).__name__}: {exc}"
+                if not idempotent and not isinstance(exc, requests.ConnectTimeout):
+                    break
             else:
                 if response.status_code == 200:
                     if raw:
                         return response.content
-                    try:
-                        return response.json()
-                    except ValueError:
-                        problem = "the answer is not JSON"
+                    body = json_or_none(response.content)
+                    if body is not None:
+                        return body
+                    problem = "the answer is not JSON"
+                    if not idempotent:
+                        break
                 else:
                     status = response.status_code
-                    _, detail = error_detail(_json_or_none(response))
+                    _, detail = error_detail(json_or_none(response.content))
                     problem = f"HTTP {response.status_code}" + (f": {detail}" if detail else "")
-                    if response.status_code not in RETRYABLE_STATUSES:
+                    if response.status_code == 429:
+                        retry_after = parse_retry_after(
+                            response.headers.get("Retry-After"), datetime.now(UTC)
+                        )
+                    elif response.status_code not in RETRYABLE_STATUSES or not idempotent:
                         break
             if attempt < self.settings.max_attempts:
-                delay = random.uniform(0, min(self.settings.backoff_max_s, 2**attempt))
+                delay = (
+                    min(retry_after, self.settings.max_retry_after_s)
+                    if retry_after is not None
+                    else full_jitter_delay(
+                        self._rng,
+                        attempt,
+                        self.settings.backoff_base_s,
+                        self.settings.backoff_max_s,
+                    )
+                )
                 log.warning("%s %s failed (%s); retrying in %.1f s", method, path, problem, delay)
                 self._sleep(delay)
         raise LLMRequestError(
@@ -167,10 +199,3 @@ class BatchApiClient:
             error_type="batch_api" if status is None else f"http_{status}",
             http_status=status,
         )
-
-
-def _json_or_none(response: requests.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return None

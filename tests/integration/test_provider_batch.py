@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import requests
 
 from llm_batch import provider_batch, provider_output
 from llm_batch.cache import ResponseCache
@@ -56,6 +57,19 @@ def make_api() -> Iterator[Callable[..., BatchApiClient]]:
     yield _make
     for api in made:
         api.close()
+
+
+class LosesFirstCreateAnswer(requests.Session):
+    """Sends every call to the server, but loses the answer to the first batch create."""
+
+    lost = False
+
+    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        response = super().request(method, url, *args, **kwargs)
+        if method == "POST" and url.endswith("/v1/batches") and not self.lost:
+            self.lost = True
+            raise requests.ReadTimeout("read timed out (the batch was created)")
+        return response
 
 
 def new_job(store: JobStore, task_ids: list[str], **conf: Any) -> str:
@@ -167,7 +181,6 @@ class TestCompletedBatch:
         assert answered_once(store, second, task_ids) == {"succeeded": 10}
         assert sim.stats()["batch_api"]["batches_created"] == 1
 
-
     def test_a_task_deleted_while_the_provider_worked_ends_task_missing_and_the_rest_stored(
         self,
         store: JobStore,
@@ -219,6 +232,24 @@ class TestReattach:
         assert [d["provider_batch_id"] for d in again] == [d["provider_batch_id"] for d in first]
         assert delivered.succeeded == 20
         assert sim.stats()["batch_api"]["batches_created"] == 1
+
+    def test_a_create_whose_answer_is_lost_is_found_by_its_metadata_not_created_twice(
+        self,
+        store: JobStore,
+        start_simulator: StartSimulator,
+        make_api: Callable[..., BatchApiClient],
+    ) -> None:
+        sim = start_simulator(**FAST)
+        api = make_api(sim, max_attempts=3)
+        api._session = LosesFirstCreateAnswer()
+        task_ids = seed(store, 10)
+        job_id = new_job(store, task_ids)
+
+        docs, delivered = deliver_round(store, api, job_id)
+
+        assert sim.stats()["batch_api"]["batches_created"] == 1
+        assert docs[0]["provider_batch_id"]
+        assert delivered.succeeded == 10
 
     def test_a_batch_created_but_never_recorded_is_found_by_its_metadata(
         self,

@@ -14,6 +14,8 @@ through the provider's batch API at about half the price, answered within 24 h (
 without one, e.g. the `batch` adapter, runs it sync).
 
 Schedule: `LLM_BATCH_NIGHTLY_SCHEDULE` (a cron expression, default `0 2 * * *`, 02:00 UTC).
+One run at a time: while a night's job still waits for the provider, the next night's run is
+queued, not started (it would select the same tasks and pay for them twice).
 Triggered by hand from the Airflow UI, its form takes the same fields as `llm_batch_job`.
 """
 
@@ -43,4 +45,6 @@ dag = build_job_dag(
     priority_weight=NIGHTLY_PRIORITY,
     tags=["llm", "batch", "nightly"],
     deadline_s=deadline_from_env(),
+    # A night's provider batch may wait ~24 h: the next night must not select its tasks again.
+    max_active_runs=1,
 )

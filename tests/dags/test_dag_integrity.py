@@ -156,6 +156,13 @@ def test_operator_jobs_outrank_the_nightly_run_in_the_pool(dag_bag: DagBag) -> N
     assert str(manual.weight_rule).endswith("absolute")
 
 
+def test_a_nightly_run_never_overlaps_the_one_still_waiting_for_its_answers(
+    dag_bag: DagBag,
+) -> None:
+    assert dag_bag.dags["llm_batch_nightly"].max_active_runs == 1
+    assert dag_bag.dags[config.JOB_DAG_ID].max_active_runs > 1
+
+
 def test_nightly_runs_at_two_utc_over_the_backlog(dag_bag: DagBag) -> None:
     nightly = dag_bag.dags["llm_batch_nightly"]
     assert nightly.schedule == "0 2 * * *"

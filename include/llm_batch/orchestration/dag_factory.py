@@ -33,6 +33,7 @@ def build_job_dag(
     priority_weight: int,
     tags: list[str],
     deadline_s: float = 0,
+    max_active_runs: int = 8,
 ) -> DAG:
     """Return a job DAG: create_job, deliver_provider_batch, plan_batches, process_batch[],
     reconcile_job, report.
@@ -41,6 +42,8 @@ def build_job_dag(
     UI kills running batches and skips queued ones but leaves both to run, so the job is still
     closed (its unsent tasks end `cancelled`) and `report` fails the run. With `deadline_s`,
     a run still going that long after it was queued raises a `deadline_missed` alert.
+    `max_active_runs=1` keeps a scheduled run from starting while the last one still waits:
+    its selection would take the tasks still at the provider and pay for them again.
     """
 
     @dag(
@@ -50,7 +53,7 @@ def build_job_dag(
         doc_md=doc_md,
         tags=tags,
         params=params,
-        max_active_runs=8,
+        max_active_runs=max_active_runs,
         # The pool is the real limit on LLM requests in flight; this only stays out of its way.
         max_active_tasks=256,
         default_args={"retries": 2, "retry_delay": timedelta(seconds=10)},

@@ -91,7 +91,13 @@ def create_job(
         # A job named to resume, or this run's own job again after an operator cleared the run.
         changes = resume_changes(existing, request)
         return _resume(
-            store, existing, run_id=run_id, at=at, triggered_by=triggered_by, changes=changes
+            store,
+            existing,
+            dag_id=dag_id,
+            run_id=run_id,
+            at=at,
+            triggered_by=triggered_by,
+            changes=changes,
         )
 
     task_ids = select_tasks(store, request, timeout_s=selection_timeout_s)
@@ -282,6 +288,7 @@ def _resume(
     store: JobStore,
     job: dict[str, Any],
     *,
+    dag_id: str,
     run_id: str,
     at: datetime,
     triggered_by: str | None = None,
@@ -290,7 +297,7 @@ def _resume(
     """Reopen a job: tasks that were never answered become sendable again, answers stay."""
     job_id = job["_id"]
     cleared = store.delete_results(job_id, {"error.type": {"$in": sorted(RESUMABLE_ERROR_TYPES)}})
-    store.reopen_job(job_id, run_id, at, triggered_by, changes=changes)
+    store.reopen_job(job_id, dag_id, run_id, at, triggered_by, changes=changes)
     log.info(
         "job_id=%s resumed by run_id=%s: %d unanswered tasks reopened; params changed: %s",
         job_id,

@@ -128,13 +128,17 @@ class JobStore:
     def reopen_job(
         self,
         job_id: str,
+        dag_id: str,
         run_id: str,
         at: datetime,
         triggered_by: str | None = None,
         *,
         changes: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
-        """Mark a job running again under a new run, clearing any earlier stop.
+        """Mark a job running again under a new run (of `dag_id`), clearing any earlier stop.
+
+        The run is recorded with its DAG: a job made by one DAG may be resumed from another,
+        and whether its run still works is asked of the DAG that runs it now.
 
         `changes` (`{param: {"from", "to"}}`) are applied to the job's `params`; the resume is
         added to its `history` with who, when and what changed.
@@ -147,6 +151,7 @@ class JobStore:
                     "state": JobState.RUNNING.value,
                     "abort": None,
                     "cancel": None,
+                    "dag_id": dag_id,
                     "run_id": run_id,
                     "triggered_by": triggered_by,
                     "timings.started_at": at,

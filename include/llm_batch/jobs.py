@@ -14,7 +14,7 @@ from llm_batch.backlog import backlog_cap, skip_queries
 from llm_batch.batching import batch_count
 from llm_batch.config import SELECTION_TIMEOUT_S
 from llm_batch.estimate import CostEstimate, estimate_job
-from llm_batch.models import RESUMABLE_ERROR_TYPES, JobState, ResultStatus
+from llm_batch.models import RESUMABLE_ERROR_TYPES, JobSource, JobState, ResultStatus
 from llm_batch.processing import utcnow
 from llm_batch.request import InvalidJobRequest, JobRequest, default_of, parse_job_request
 from llm_batch.selection import count_matching, refuse_colliding_ids, resolve_selection
@@ -56,7 +56,7 @@ def create_job(
     *,
     dag_id: str,
     run_id: str,
-    source: str,
+    source: JobSource | str,
     triggered_by: str | None = None,
     now: Callable[[], datetime] = utcnow,
     service: LLMService = DEFAULT_SERVICE,
@@ -122,7 +122,7 @@ def create_job(
             task_ids=task_ids,
             batch_count=batches,
             params=request.to_document(),
-            source=source,
+            source=JobSource(source).value,
             triggered_by=triggered_by,
             dag_id=dag_id,
             run_id=run_id,
@@ -137,7 +137,7 @@ def create_job(
         job_id,
         len(task_ids),
         batches,
-        source,
+        JobSource(source).value,
         run_id,
         left_over,
     )

@@ -28,6 +28,32 @@ FINAL_JOB_STATES = frozenset(
 )
 
 
+class JobSource(str, Enum):
+    """Where a job's run came from (`jobs.source`), as the workspace's source filter names it."""
+
+    UI = "ui"
+    """The trigger form (Airflow names the run `manual__<time>`)."""
+    CLI = "cli"
+    """The CLI's submit command (runs named `cli__...`)."""
+    API = "api"
+    """A REST API client that chose its own run id."""
+    SCHEDULED = "scheduled"
+    """The schedule (the nightly run)."""
+    BACKFILL = "backfill"
+    """An Airflow backfill."""
+
+
+def run_source(run_type: str, run_id: str) -> JobSource:
+    """Return where a run came from, from Airflow's run type and the run id."""
+    if run_type == "manual":
+        if run_id.startswith("cli__"):
+            return JobSource.CLI
+        # The trigger form leaves the run id to Airflow (manual__<time>) unless one is typed.
+        return JobSource.UI if run_id.startswith("manual__") else JobSource.API
+    # Asset-triggered runs, like scheduled ones, are started by the scheduler, not a person.
+    return JobSource.BACKFILL if run_type == "backfill" else JobSource.SCHEDULED
+
+
 class ResultStatus(str, Enum):
     """The one terminal status every task of a job ends in."""
 

@@ -104,5 +104,5 @@ def test_each_backlog_job_that_fails_a_task_counts_once_toward_its_cap(
 
     with pytest.raises(Exception, match="matched no tasks"):
         nightly_job(store, backlog, "scheduled__3")
-    manual = create_job(store, {"filter": {}}, dag_id="d", run_id="m1", source="manual")
+    manual = create_job(store, {"filter": {}}, dag_id="d", run_id="m1", source="ui")
     assert manual.task_count == 10, "a person's job still takes them"

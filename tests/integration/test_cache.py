@@ -69,7 +69,7 @@ def run(
         {"filter": {}, "instructions": INSTRUCTIONS, **conf},
         dag_id="d",
         run_id=run_id,
-        source="manual",
+        source="ui",
     )
     for batch_no in range(batch_count(start.task_count)):
         process_batch(store, llm, start.job_id, batch_no, cache=cache)
@@ -207,8 +207,8 @@ def test_process_batch_wires_the_shared_limiter_and_the_cache(
     )
     seed(store, 20)
     task_bodies.response_cache(store).ensure_indexes()
-    first = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
-    second = create_job(store, {"filter": {}}, dag_id="d", run_id="r2", source="manual")
+    first = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="ui")
+    second = create_job(store, {"filter": {}}, dag_id="d", run_id="r2", source="ui")
 
     reports = [task_bodies.process_batch(first.job_id, n, try_number=1) for n in (0, 1)]
     reports += [task_bodies.process_batch(second.job_id, n, try_number=1) for n in (0, 1)]

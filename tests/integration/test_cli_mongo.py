@@ -25,7 +25,7 @@ def test_cancel_flags_a_running_job_once_and_refuses_an_unknown_one(
     cli_env: JobStore, capsys: pytest.CaptureFixture[str]
 ) -> None:
     seed(cli_env, 12)
-    job_id = create_job(cli_env, {"filter": {}}, dag_id="d", run_id="r", source="manual").job_id
+    job_id = create_job(cli_env, {"filter": {}}, dag_id="d", run_id="r", source="ui").job_id
 
     assert cli.main(["cancel", job_id]) == cli.EXIT_OK
     job = cli_env.get_job(job_id)
@@ -39,7 +39,7 @@ def test_history_lists_recent_jobs_newest_first(
 ) -> None:
     seed(cli_env, 5)
     first = create_job(
-        cli_env, {"filter": {}}, dag_id="d", run_id="r1", source="manual", triggered_by="ana"
+        cli_env, {"filter": {}}, dag_id="d", run_id="r1", source="ui", triggered_by="ana"
     ).job_id
     second = create_job(
         cli_env, {"filter": {}}, dag_id="d", run_id="r2", source="scheduled",

@@ -85,7 +85,7 @@ def test_every_batch_of_a_job_in_flight_at_once_ends_once_with_faults_and_a_repl
     )
     connections(sim)
     task_ids = seed(store, 120)
-    job = create_job(store, {"filter": {}}, dag_id="d", run_id="r", source="manual")
+    job = create_job(store, {"filter": {}}, dag_id="d", run_id="r", source="ui")
     batches = range(batch_count(len(task_ids)))
 
     events = run_triggers([ProcessBatchTrigger(job.job_id, n, 1) for n in batches])
@@ -116,7 +116,7 @@ def test_a_cancelled_jobs_triggers_send_nothing_and_end_the_task(
     sim = start_simulator(latency_ms=0)
     connections(sim)
     seed(store, 30)
-    job = create_job(store, {"filter": {}}, dag_id="d", run_id="r", source="manual")
+    job = create_job(store, {"filter": {}}, dag_id="d", run_id="r", source="ui")
     assert store.request_cancel(job.job_id, datetime.now(UTC), "a test")
 
     events = run_triggers([ProcessBatchTrigger(job.job_id, n, 1) for n in range(3)])
@@ -133,7 +133,7 @@ def test_a_job_over_budget_is_not_sent_from_the_triggerer_either(
     connections(sim)
     seed(store, 40)
     job = create_job(
-        store, {"filter": {}, "max_cost_usd": 0.000001}, dag_id="d", run_id="r", source="manual"
+        store, {"filter": {}, "max_cost_usd": 0.000001}, dag_id="d", run_id="r", source="ui"
     )
 
     first = run_triggers([ProcessBatchTrigger(job.job_id, 0, 1)])

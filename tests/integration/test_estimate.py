@@ -31,7 +31,7 @@ def seed_texts(store: JobStore, prefix: str, count: int, words: int) -> list[str
 
 def run(store: JobStore, client: LLMClient, run_id: str, ids: list[str], **conf: Any) -> float:
     job_id = create_job(
-        store, {"task_ids": ids, **conf}, dag_id="d", run_id=run_id, source="manual"
+        store, {"task_ids": ids, **conf}, dag_id="d", run_id=run_id, source="ui"
     ).job_id
     run_job(store, client, job_id)
     return reconcile_job(store, job_id).cost_usd

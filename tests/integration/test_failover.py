@@ -82,7 +82,7 @@ def test_a_job_survives_one_of_two_endpoints_dying_midway_and_moves_to_the_live_
     live = start_simulator(latency_ms=20)
     doomed = start_simulator(latency_ms=20)
     seed(store, 2000)
-    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
+    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="ui")
     settings = ClientSettings(
         api_key=live.api_key,
         model="sim-small",
@@ -171,7 +171,7 @@ def test_an_endpoint_added_to_the_connection_serves_the_next_batch_without_a_res
     first = start_simulator(latency_ms=0)
     added = start_simulator(latency_ms=0)
     seed(store, 100)
-    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
+    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="ui")
 
     def connect(endpoints: list[dict[str, Any]]) -> None:
         monkeypatch.setenv(

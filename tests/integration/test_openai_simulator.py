@@ -139,7 +139,7 @@ def test_a_pipeline_job_over_the_openai_adapter_succeeds_with_costs_from_usage(
         {"filter": {}, "instructions": INSTRUCTIONS},
         dag_id="d",
         run_id="r1",
-        source="manual",
+        source="ui",
     )
     client = LLMClient(settings(sim, price_input_per_1k=0.5, price_output_per_1k=1.5))
     run_job(store, client, start.job_id)

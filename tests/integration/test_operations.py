@@ -31,7 +31,7 @@ def service_of(client: LLMClient) -> LLMService:
 def new_job(store: JobStore, run_id: str, **conf: Any) -> str:
     if "task_ids" not in conf and "retry_of" not in conf:
         conf["filter"] = {}
-    return create_job(store, conf, dag_id="d", run_id=run_id, source="manual").job_id
+    return create_job(store, conf, dag_id="d", run_id=run_id, source="ui").job_id
 
 
 def test_answers_below_the_review_threshold_end_as_needs_review_with_their_output(
@@ -147,7 +147,7 @@ def test_redrive_sends_exactly_the_failed_tasks_of_the_earlier_job(
         store.tasks.update_one({"_id": ids[i]}, {"$unset": {"payload.simulate": ""}})
     sim.reset()
 
-    retry = create_job(store, {"retry_of": first}, dag_id="d", run_id="r2", source="manual")
+    retry = create_job(store, {"retry_of": first}, dag_id="d", run_id="r2", source="ui")
     run_job(store, client, retry.job_id)
     summary = reconcile_job(store, retry.job_id)
 
@@ -168,7 +168,7 @@ def test_redrive_of_a_job_without_failures_is_refused(
     first = new_job(store, "r1")
     run_job(store, make_client(sim), first)
     with pytest.raises(InvalidJobRequest, match="has no failed tasks to re-drive"):
-        create_job(store, {"retry_of": first}, dag_id="d", run_id="r2", source="manual")
+        create_job(store, {"retry_of": first}, dag_id="d", run_id="r2", source="ui")
 
 
 @pytest.mark.parametrize(("bad_share", "alerts"), [(0.4, True), (0.05, False)])
@@ -198,7 +198,7 @@ def test_a_late_runs_alert_gives_its_jobs_progress_and_none_once_the_job_ended(
     from llm_batch.orchestration.deadline import late_run_alert
 
     seed(store, 30, invalid=frozenset({3}))
-    start = create_job(store, {"filter": {}}, dag_id="d", run_id="late-1", source="manual")
+    start = create_job(store, {"filter": {}}, dag_id="d", run_id="late-1", source="ui")
     process_batch(store, make_client(start_simulator(latency_ms=0)), start.job_id, 0)
 
     alert = late_run_alert(store, "d", "late-1", "03:00")

@@ -71,7 +71,7 @@ def test_a_job_ends_with_one_matching_result_per_task_and_totals_from_llm_calls(
 ) -> None:
     sim = start_simulator(latency_ms=0)
     ids = seed(store, 95)
-    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
+    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="ui")
     assert start.task_count == 95 and start.batch_count == 10
 
     run_job(store, make_client(sim), start.job_id)
@@ -125,7 +125,7 @@ def test_faults_lose_nothing_and_bill_at_most_five_percent_extra(
         item_error_rate=0.02,
     )
     seed(store, 300)
-    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
+    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="ui")
     run_job(store, make_client(sim), start.job_id)
     summary = reconcile_job(store, start.job_id)
 
@@ -145,7 +145,7 @@ def test_item_level_invalid_input_fails_only_that_task_with_the_reason(
 ) -> None:
     sim = start_simulator(latency_ms=0)
     seed(store, 20, invalid=frozenset({3, 14}))
-    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
+    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="ui")
     run_job(store, make_client(sim), start.job_id)
     summary = reconcile_job(store, start.job_id)
 
@@ -164,7 +164,7 @@ def test_a_rerun_batch_sends_nothing_for_tasks_that_have_results(
 ) -> None:
     sim = start_simulator(latency_ms=0)
     seed(store, 10)
-    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
+    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="ui")
     client = make_client(sim)
     process_batch(store, client, start.job_id, 0)
     before = sim.stats()["requests_total"]
@@ -183,7 +183,7 @@ def test_two_workers_on_one_batch_leave_exactly_one_result_per_task(
     """A zombie and its retry running the same batch at once: the first answer wins."""
     sim = start_simulator(latency_ms=200)
     seed(store, 10)
-    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
+    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="ui")
     errors: list[BaseException] = []
 
     def work(try_number: int) -> None:
@@ -216,7 +216,7 @@ def test_a_refused_api_key_stops_the_job_and_spends_nothing_more(
 ) -> None:
     sim = start_simulator(latency_ms=0)
     seed(store, 30)
-    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
+    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="ui")
     client = make_client(sim, api_key="wrong-key")
 
     with pytest.raises(JobAborted, match="API key"):
@@ -240,7 +240,7 @@ def test_an_exhausted_batch_is_explained_and_resuming_sends_only_unanswered_task
 ) -> None:
     sim = start_simulator(latency_ms=0)
     seed(store, 20)
-    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual")
+    start = create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="ui")
     client = make_client(sim, max_attempts=2)
     process_batch(store, client, start.job_id, 0)
     sim.configure(error_5xx_rate=1.0)
@@ -255,7 +255,7 @@ def test_an_exhausted_batch_is_explained_and_resuming_sends_only_unanswered_task
     sim.configure(error_5xx_rate=0.0)
     sim.reset()
     resumed = create_job(
-        store, {"filter": {}, "job_id": start.job_id}, dag_id="d", run_id="r2", source="manual"
+        store, {"filter": {}, "job_id": start.job_id}, dag_id="d", run_id="r2", source="ui"
     )
     assert resumed.resumed and resumed.job_id == start.job_id
     run_job(store, client, start.job_id)
@@ -275,10 +275,10 @@ def test_create_job_run_again_by_the_same_run_keeps_its_job_and_resumes_it_once_
     seed(store, 20)
     clock = iter([datetime(2026, 12, 1, 3, 0, s, tzinfo=UTC) for s in range(0, 60, 7)])
     first = create_job(
-        store, {"filter": {}}, dag_id="d", run_id="r1", source="manual", now=lambda: next(clock)
+        store, {"filter": {}}, dag_id="d", run_id="r1", source="ui", now=lambda: next(clock)
     )
     retried = create_job(
-        store, {"filter": {}}, dag_id="d", run_id="r1", source="manual", now=lambda: next(clock)
+        store, {"filter": {}}, dag_id="d", run_id="r1", source="ui", now=lambda: next(clock)
     )
     assert retried.job_id == first.job_id and not retried.resumed
     assert store.jobs.count_documents({}) == 1
@@ -289,12 +289,12 @@ def test_create_job_run_again_by_the_same_run_keeps_its_job_and_resumes_it_once_
         "succeeded": 10, "failed": 10, "needs_review": 0, "cancelled": 0,
     }  # fmt: skip
     cleared = create_job(
-        store, {"filter": {}}, dag_id="d", run_id="r1", source="manual", now=lambda: next(clock)
+        store, {"filter": {}}, dag_id="d", run_id="r1", source="ui", now=lambda: next(clock)
     )
     assert cleared.job_id == first.job_id and cleared.resumed
     assert store.jobs.count_documents({}) == 1
     assert store.count_results(first.job_id) == {"succeeded": 10}
-    assert create_job(store, {"filter": {}}, dag_id="d", run_id="r2", source="manual").job_id != (
+    assert create_job(store, {"filter": {}}, dag_id="d", run_id="r2", source="ui").job_id != (
         first.job_id
     )
 
@@ -315,7 +315,7 @@ def test_bad_requests_are_refused_before_any_write_or_llm_call(
 ) -> None:
     seed(store, 5)
     with pytest.raises(InvalidJobRequest, match=re.escape(message)):
-        create_job(store, conf, dag_id="d", run_id="r1", source="manual")
+        create_job(store, conf, dag_id="d", run_id="r1", source="ui")
     assert store.jobs.count_documents({}) == 0
     assert store.results.count_documents({}) == 0
 
@@ -328,7 +328,7 @@ def test_ids_are_kept_in_the_order_given_and_objectid_hex_is_understood(store: J
         [{"_id": "b", "payload": 1}, {"_id": "a", "payload": 2}, {"_id": oid, "payload": 3}]
     )
     start = create_job(
-        store, {"task_ids": ["b", str(oid), "a"]}, dag_id="d", run_id="r", source="manual"
+        store, {"task_ids": ["b", str(oid), "a"]}, dag_id="d", run_id="r", source="ui"
     )
     job = store.get_job(start.job_id, with_task_ids=True)
     assert job is not None and job["task_ids"] == ["b", oid, "a"]

@@ -78,7 +78,7 @@ def new_job(store: JobStore, task_ids: list[str], **conf: Any) -> str:
         {"task_ids": task_ids, "delivery": "provider_batch", **conf},
         dag_id="llm_batch_job",
         run_id=f"run-{time.monotonic_ns()}",
-        source="manual",
+        source="ui",
     )
     return created.job_id
 
@@ -224,7 +224,7 @@ class TestReattach:
             {"task_ids": task_ids, "job_id": job_id, "delivery": "provider_batch"},
             dag_id="llm_batch_job",
             run_id="resumed",
-            source="manual",
+            source="ui",
             # The run that submitted the batch ended without closing its job (its worker died).
             run_active=lambda dag_id, run_id: False,
         )

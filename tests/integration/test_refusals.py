@@ -98,7 +98,7 @@ def test_bad_input_is_refused_before_a_job_exists_or_a_request_is_sent(
     seed_for(store, case)
 
     with pytest.raises(InvalidJobRequest) as info:
-        create_job(store, conf, dag_id="d", run_id="r1", source="manual", service=service)
+        create_job(store, conf, dag_id="d", run_id="r1", source="ui", service=service)
     with pytest.raises(InvalidJobRequest):
         estimate_request(store, {**conf, "dry_run": True}, service)
 
@@ -112,14 +112,14 @@ def test_mixed_id_types_are_refused_with_the_colliding_ids_listed(
 ) -> None:
     seed_for(store, "mixed _id types")
     with pytest.raises(InvalidJobRequest) as info:
-        create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="manual", service=service)
+        create_job(store, {"filter": {}}, dag_id="d", run_id="r1", source="ui", service=service)
     assert f"'{HEX}' (str) and ObjectId(\"{HEX}\")" in str(info.value)
 
 
 def test_an_object_id_given_in_upper_case_is_found(store: JobStore, service: LLMService) -> None:
     store.tasks.insert_one({"_id": ObjectId(HEX), "payload": {"text": "a"}})
     created = create_job(
-        store, {"task_ids": [HEX.upper()]}, dag_id="d", run_id="r1", source="manual",
+        store, {"task_ids": [HEX.upper()]}, dag_id="d", run_id="r1", source="ui",
         service=service,
     )  # fmt: skip
     stored = store.get_job(created.job_id, with_task_ids=True)
@@ -139,7 +139,7 @@ def test_selection_runs_under_the_configured_time_bound(
 ) -> None:
     seed(store, 30)
     created = create_job(
-        store, {"filter": {"payload.n": {"$gte": 10}}}, dag_id="d", run_id="r1", source="manual",
+        store, {"filter": {"payload.n": {"$gte": 10}}}, dag_id="d", run_id="r1", source="ui",
         service=service, selection_timeout_s=5.0,
     )  # fmt: skip
     assert created.task_count == 20

@@ -29,7 +29,7 @@ AT = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
 
 def start(store: JobStore, run_id: str, **conf: Any) -> str:
     conf.setdefault("filter", {})
-    return create_job(store, conf, dag_id="d", run_id=run_id, source="manual").job_id
+    return create_job(store, conf, dag_id="d", run_id=run_id, source="ui").job_id
 
 
 def test_resuming_a_budget_exhausted_job_with_a_raised_budget_sends_the_rest_and_records_it(
@@ -51,7 +51,7 @@ def test_resuming_a_budget_exhausted_job_with_a_raised_budget_sends_the_rest_and
         {"filter": {}, "job_id": job_id, "max_cost_usd": 100.0, "review_below": 0.6},
         dag_id="d",
         run_id="r2",
-        source="manual",
+        source="ui",
         triggered_by="alice",
         now=lambda: AT,
     )
@@ -105,7 +105,7 @@ def test_resuming_with_another_question_or_selection_is_refused_and_changes_noth
             {"filter": {}, "job_id": job_id, **change},
             dag_id="d",
             run_id="r2",
-            source="manual",
+            source="ui",
         )
 
     assert store.get_job(job_id) == before
@@ -118,9 +118,7 @@ def test_resuming_a_job_whose_run_still_runs_is_refused_and_names_that_run(
     job_id = start(store, "scheduled__first")
 
     with pytest.raises(InvalidJobRequest) as refused:
-        create_job(
-            store, {"filter": {}, "job_id": job_id}, dag_id="d", run_id="r2", source="manual"
-        )
+        create_job(store, {"filter": {}, "job_id": job_id}, dag_id="d", run_id="r2", source="ui")
 
     text = str(refused.value)
     assert "still running under run scheduled__first of DAG d" in text
@@ -147,7 +145,7 @@ def test_a_job_left_running_by_a_run_that_has_ended_can_be_taken_over(store: Job
         {"filter": {}, "job_id": job_id},
         dag_id="d",
         run_id="r2",
-        source="manual",
+        source="ui",
         run_active=run_active,
     )
 
@@ -162,10 +160,10 @@ def test_a_retried_create_job_of_the_same_run_keeps_its_job_without_a_resume(
     """The CLI names new jobs itself: its run's retried create_job must find its own job."""
     seed(store, 20)
     first = create_job(
-        store, {"filter": {}, "job_id": "job-cli-1"}, dag_id="d", run_id="r1", source="manual"
+        store, {"filter": {}, "job_id": "job-cli-1"}, dag_id="d", run_id="r1", source="ui"
     )
     again = create_job(
-        store, {"filter": {}, "job_id": "job-cli-1"}, dag_id="d", run_id="r1", source="manual"
+        store, {"filter": {}, "job_id": "job-cli-1"}, dag_id="d", run_id="r1", source="ui"
     )
     assert again.job_id == first.job_id == "job-cli-1" and not again.resumed
     assert (store.get_job("job-cli-1") or {})["history"] == []
@@ -176,7 +174,7 @@ def test_a_nightly_job_resumed_under_the_job_dag_is_checked_against_that_dags_ru
 ) -> None:
     seed(store, 20)
     job_id = create_job(
-        store, {"filter": {}}, dag_id="llm_batch_nightly", run_id="scheduled__1", source="manual"
+        store, {"filter": {}}, dag_id="llm_batch_nightly", run_id="scheduled__1", source="ui"
     ).job_id
     live = {("llm_batch_job", "cli__resume")}
 
@@ -188,7 +186,7 @@ def test_a_nightly_job_resumed_under_the_job_dag_is_checked_against_that_dags_ru
         {"filter": {}, "job_id": job_id},
         dag_id="llm_batch_job",
         run_id="cli__resume",
-        source="manual",
+        source="ui",
         run_active=run_active,
     )
     job = store.get_job(job_id)
@@ -201,6 +199,6 @@ def test_a_nightly_job_resumed_under_the_job_dag_is_checked_against_that_dags_ru
             {"filter": {}, "job_id": job_id},
             dag_id="llm_batch_job",
             run_id="cli__again",
-            source="manual",
+            source="ui",
             run_active=run_active,
         )

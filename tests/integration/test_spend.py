@@ -79,7 +79,7 @@ def test_a_mongo_error_between_billing_and_spend_still_counts_the_cost_exactly_o
     seed(store, 20)
     client = make_client(sim)
     job_id = create_job(
-        store, {"filter": {}, "max_cost_usd": 1000.0}, dag_id="d", run_id="r1", source="manual"
+        store, {"filter": {}, "max_cost_usd": 1000.0}, dag_id="d", run_id="r1", source="ui"
     ).job_id
     faulty = FaultyStore(store.db, method, when)
 
@@ -110,7 +110,7 @@ def test_a_budget_spent_mid_batch_stops_the_next_round_of_the_same_batch(
     sim = start_simulator(latency_ms=0, item_error_rate=0.5, seed=11)
     seed(store, 10)
     job_id = create_job(
-        store, {"filter": {}, "max_cost_usd": 1e-9}, dag_id="d", run_id="r1", source="manual"
+        store, {"filter": {}, "max_cost_usd": 1e-9}, dag_id="d", run_id="r1", source="ui"
     ).job_id
 
     report = process_batch(store, make_client(sim, max_rounds=3), job_id, 0)
@@ -136,7 +136,7 @@ def test_concurrent_batches_overshoot_the_budget_by_at_most_one_request_per_slot
     sim = start_simulator(latency_ms=100, seed=5)
     seed(store, 200)
     calibration = create_job(
-        store, {"filter": {}, "limit": 10}, dag_id="d", run_id="calibrate", source="manual"
+        store, {"filter": {}, "limit": 10}, dag_id="d", run_id="calibrate", source="ui"
     ).job_id
     run_job(store, make_client(sim), calibration)
     one_request = billed_by_service(sim)
@@ -147,7 +147,7 @@ def test_concurrent_batches_overshoot_the_budget_by_at_most_one_request_per_slot
         {"filter": {"_id": {"$gte": "t00010"}}, "max_cost_usd": budget},
         dag_id="d",
         run_id="r1",
-        source="manual",
+        source="ui",
     ).job_id
     todo: queue.Queue[int] = queue.Queue()
     for batch_no in range(batch_count(190)):

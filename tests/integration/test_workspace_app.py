@@ -80,6 +80,21 @@ def test_the_jobs_page_draws_four_charts_and_a_table_of_jobs(
     assert data["total"] == 2 and data["jobs"][0]["job_id"] == "job-20300302-100000-bbbbbb"
 
 
+@pytest.mark.parametrize("source", ["ui", "cli", "api", "scheduled"])
+def test_the_source_filter_offers_and_finds_the_sources_jobs_are_stored_with(
+    store: JobStore, client: TestClient, source: str
+) -> None:
+    job = write_job(store, source=source)
+    other = "cli" if source != "cli" else "ui"
+    write_job(store, "job-20300302-100000-bbbbbb", ("succeeded",), source=other)
+
+    page = client.get("/jobs").text
+    assert f'<option value="{source}"' in page
+    listed = client.get("/api/jobs", params={"source": source}).json()
+    assert [row["job_id"] for row in listed["jobs"]] == [job["_id"]]
+    assert listed["jobs"][0]["source"] == source
+
+
 def test_a_job_page_shows_its_request_histogram_with_threshold_and_errors(
     store: JobStore, client: TestClient
 ) -> None:

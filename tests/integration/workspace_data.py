@@ -26,6 +26,7 @@ def write_job(
     created: datetime = CREATED,
     model: str = "sim-small",
     triggered_by: str | None = "ana",
+    source: str = "ui",
 ) -> dict[str, Any]:
     """Write a job with one result per status given (task ids `<job>-t0`, ...) and return it."""
     task_ids = [f"{job_id}-t{i}" for i in range(len(statuses))]
@@ -79,7 +80,7 @@ def write_job(
     job = {
         "_id": job_id,
         "state": state,
-        "source": "manual",
+        "source": source,
         "triggered_by": triggered_by,
         "task_count": len(task_ids),
         "batch_size": config.BATCH_SIZE,

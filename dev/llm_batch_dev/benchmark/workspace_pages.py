@@ -185,7 +185,7 @@ def page_timings(db: Database[Any], newest_job: str, repeats: int) -> dict[str, 
     app = create_app(FixedAccess(JobStore(db), "bench"))
     pages = {
         "jobs page (first page, charts of 30 days)": "/jobs",
-        "jobs page (filtered: state, source)": "/jobs?state=partially_failed&source=manual",
+        "jobs page (filtered: state, source)": "/jobs?state=partially_failed&source=ui",
         "job detail": f"/jobs/{newest_job}",
         "review queue (oldest first)": "/review",
         "review queue (one job)": f"/review?job_id={newest_job}",

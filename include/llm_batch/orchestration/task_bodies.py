@@ -23,6 +23,7 @@ from llm_batch.batching import split_into_batches
 from llm_batch.cache import ResponseCache
 from llm_batch.jobs import estimate_request
 from llm_batch.limiter_store import mongo_rate_limiter
+from llm_batch.models import run_source
 from llm_batch.processing import JobAborted, utcnow
 from llm_batch.request import InvalidJobRequest, default_of, is_job_id
 from llm_batch.service import LLMService, Prices
@@ -130,16 +131,6 @@ _GENERATED_RUN_ID = re.compile(r"^(manual|scheduled|backfill|asset_triggered|cli
 def is_chosen_run_id(run_id: str) -> bool:
     """Return whether a person chose `run_id` (not Airflow, nor the CLI) and it fits a job id."""
     return not _GENERATED_RUN_ID.match(run_id) and is_job_id(run_id)
-
-
-def run_source(run_type: str, run_id: str) -> str:
-    """Return where a run came from: scheduled, cli, ui (the trigger form) or api."""
-    if run_type != "manual":
-        return run_type
-    if run_id.startswith("cli__"):
-        return "cli"
-    # The trigger form leaves the run id to Airflow (manual__<time>) unless one is typed.
-    return "ui" if run_id.startswith("manual__") else "api"
 
 
 def connection_service() -> LLMService:

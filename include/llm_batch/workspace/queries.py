@@ -7,15 +7,13 @@ Plain pymongo over the data contract; every query here is served by an index tha
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from llm_batch import config
-from llm_batch.models import JobState, ResultStatus
+from llm_batch.models import JobSource, JobState, ResultStatus
 from llm_batch.store import JobStore
 from llm_batch.workspace import latency
 
@@ -25,9 +23,14 @@ PAGE_SIZE = 25
 QUEUE_PAGE_SIZE = 20
 DEFAULT_CHART_DAYS = 30
 MAX_CHART_DAYS = 366
-SOURCES = ("manual", "api", "nightly")
-"""Where a job came from: the UI form (`manual__` runs), a client with its own run id (the
-CLI, the REST API), or the nightly schedule."""
+SOURCES = {
+    JobSource.UI.value: "trigger form (UI)",
+    JobSource.CLI.value: "CLI",
+    JobSource.API.value: "REST API",
+    JobSource.SCHEDULED.value: "schedule",
+    JobSource.BACKFILL.value: "backfill",
+}
+"""Where a job came from (`jobs.source`), and how the source filter names it."""
 JOB_LIST_PROJECTION = {"task_ids": 0, "params.task_ids": 0, "runs": 0}
 HISTOGRAM_BINS = 20
 TERMINAL_STATUSES = [status.value for status in ResultStatus]
@@ -51,14 +54,8 @@ class JobFilters:
         query: Document = {}
         if self.state:
             query["state"] = self.state
-        if self.source == "nightly":
-            query["$or"] = [{"source": "scheduled"}, {"dag_id": config.NIGHTLY_DAG_ID}]
-        elif self.source == "manual":
-            query["source"] = "manual"
-            query["run_id"] = {"$regex": "^manual__"}
-        elif self.source == "api":
-            query["source"] = "manual"
-            query["run_id"] = {"$not": re.compile("^manual__")}
+        if self.source:
+            query["source"] = self.source
         if self.model:
             query["params.model"] = None if self.model == "(default)" else self.model
         if self.triggered_by:
@@ -89,9 +86,7 @@ def aware(value: datetime | None) -> datetime | None:
 
 def job_source(job: Mapping[str, Any]) -> str:
     """Return where a job came from, as the source filter names it."""
-    if job.get("source") == "scheduled" or job.get("dag_id") == config.NIGHTLY_DAG_ID:
-        return "nightly"
-    return "manual" if str(job.get("run_id") or "").startswith("manual__") else "api"
+    return str(job.get("source") or "")
 
 
 # jobs page

@@ -430,15 +430,35 @@ def _parse_pattern(pattern: re.Pattern[str], problem: str) -> _Parser:
     return parse
 
 
+_NOT_JSON = object()
+"""What `_load_json_text` returns for text it refused (a problem is added)."""
+
+
+def _load_json_text(
+    spec: RequestField, text: str, problems: list[str], max_depth: int, hint: str = ""
+) -> Any:
+    """Return the value JSON `text` holds, or `_NOT_JSON` with a problem saying what is wrong.
+
+    Text nested thousands deep makes the decoder raise `RecursionError`: it is refused like
+    any other unreadable text, never raised.
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        problems.append(
+            f"{spec.name} is not valid JSON ({exc.msg} at line {exc.lineno} column "
+            f"{exc.colno}){hint}"
+        )
+    except RecursionError:
+        problems.append(_too_deep(spec.name, max_depth))
+    return _NOT_JSON
+
+
 def _parse_object(spec: RequestField, value: Any, problems: list[str]) -> dict[str, Any] | None:
     if isinstance(value, str) and value.strip():
         # The form sends JSON it cannot parse as the text typed: say what is wrong with it.
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            problems.append(
-                f"{spec.name} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
-            )
+        value = _load_json_text(spec, value, problems, MAX_OBJECT_DEPTH)
+        if value is _NOT_JSON:
             return None
     if not value or (isinstance(value, str) and not value.strip()):
         return None
@@ -485,16 +505,9 @@ def _parse_filter(spec: RequestField, value: Any, problems: list[str]) -> dict[s
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            problems.append(
-                f"{spec.name} is not valid JSON ({exc.msg} at line {exc.lineno} column "
-                f'{exc.colno}): write it as a JSON object, e.g. {{"payload.lang": "en"}}'
-            )
-            return None
-        except RecursionError:
-            problems.append(_too_deep(spec.name, MAX_FILTER_DEPTH))
+        hint = ': write it as a JSON object, e.g. {"payload.lang": "en"}'
+        value = _load_json_text(spec, value, problems, MAX_FILTER_DEPTH, hint)
+        if value is _NOT_JSON:
             return None
     if not isinstance(value, dict):
         problems.append(

@@ -24,7 +24,7 @@ def conf_for(*argv: str) -> dict[str, object]:
         (["--filter", '{"$where": "1"}'], "$where is not allowed"),
         (["--filter", "{oops"], "filter is not valid JSON"),
         (["--task-ids", "a,b,a"], "'a' is listed twice"),
-        (["--all", "--llm-params", "[1"], "--llm-params is not valid JSON"),
+        (["--all", "--llm-params", "[1"], "llm_params is not valid JSON"),
         (["--all", "--job-id", "bad id"], "job_id 'bad id' is not valid"),
     ],
 )
@@ -129,7 +129,7 @@ def test_submit_takes_exactly_one_selection(argv: list[str]) -> None:
         (["--all", "--alert-failure-rate", "inf"], "alert_failure_rate must be a finite number"),
         (["--all", "--llm-params", '{"temperature": NaN}'], "NaN and infinity are refused"),
         (["--filter", '{"a": ' * 100_000 + "1" + "}" * 100_000], "filter nests deeper than"),
-        (["--all", "--llm-params", "[" * 100_000 + "]" * 100_000], "nests too deep"),
+        (["--all", "--llm-params", "[" * 100_000 + "]" * 100_000], "llm_params nests deeper than"),
     ],
 )
 def test_non_finite_and_deeply_nested_input_is_refused_before_anything_is_sent(

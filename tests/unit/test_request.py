@@ -143,6 +143,13 @@ def test_deeply_nested_llm_params_are_refused() -> None:
         parse_job_request({"filter": {}, "llm_params": {"output_schema": nested}})
 
 
+@pytest.mark.parametrize("depth", [5000, 100_000])
+def test_deeply_nested_llm_params_text_is_refused_not_a_recursion_error(depth: int) -> None:
+    text = '{"a": ' * depth + "1" + "}" * depth
+    with pytest.raises(InvalidJobRequest, match="llm_params nests deeper than"):
+        parse_job_request({"filter": {}, "llm_params": text})
+
+
 @pytest.mark.parametrize(
     "pattern", ["(a+)+$", "^(a*)*b", "(x|y+){2,}", "((ab)*c)+", "(\\w+\\s?)*$", "(.{1,3})+z"]
 )

@@ -198,15 +198,6 @@ def build_conf(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, field.name)
         if value is None:
             continue  # not given: the form's default applies
-        if field.kind is Kind.OBJECT:
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise CliError(f"{field.cli_flag} is not valid JSON: {exc}", EXIT_REFUSED) from exc
-            except RecursionError as exc:
-                raise CliError(
-                    f"{field.cli_flag} nests too deep to read: simplify it", EXIT_REFUSED
-                ) from exc
         conf[field.name] = value
     if args.task_ids_file is not None:
         conf["task_ids"] = args.task_ids_file.read_text()
@@ -222,6 +213,9 @@ def build_conf(args: argparse.Namespace) -> dict[str, Any]:
     # Send the parsed values: the form's schema wants a list and an object, not text.
     conf["task_ids"] = list(request.task_ids) if request.task_ids else None
     conf["filter"] = request.filter
+    for field in REQUEST_FIELDS:
+        if field.kind is Kind.OBJECT and field.name in conf:
+            conf[field.name] = getattr(request, field.name)
     conf["limit"] = request.limit
     conf["job_id"] = request.job_id or new_cli_job_id()
     return conf

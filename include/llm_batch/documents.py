@@ -37,6 +37,7 @@ def new_job(
     left_over: int,
     at: datetime,
     backlog: Document | None = None,
+    history: list[Document] | None = None,
 ) -> Document:
     """Return a new `jobs` document: running from the start, its task ids snapshot inside.
 
@@ -66,7 +67,20 @@ def new_job(
         "runs": [run_id],
         "selection_left_over": left_over,
         "backlog": backlog,
-        "history": [],
+        "history": list(history or []),
+    }
+
+
+def redriven(
+    retry_of: str, by: str | None, at: datetime, changes: Mapping[str, Mapping[str, Any]]
+) -> Document:
+    """Return the `jobs.history` entry of a re-drive that asks otherwise than the earlier job."""
+    return {
+        "event": "redriven",
+        "retry_of": retry_of,
+        "by": by,
+        "at": at,
+        "changes": {name: dict(change) for name, change in changes.items()},
     }
 
 

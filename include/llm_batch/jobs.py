@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable, Mapping
@@ -32,6 +33,10 @@ its answers are judged, not the question."""
 RESUME_KEEPS = ("instructions", "model", "llm_params")
 """Params a resume refuses to change, with the selection: the job's answers so far answer its
 stored question, and a new one would mix answers to two questions in one job."""
+REDRIVE_INHERITS = ("instructions", "model", "llm_params", "review_below", "alert_failure_rate")
+"""Params a re-drive (`retry_of`) takes from the earlier job when the request leaves them empty
+or at their default: the same question, judged the same way. Not `max_cost_usd`: a budget is
+per job."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,11 @@ def create_job(
             changes=changes,
         )
 
+    history: list[dict[str, Any]] = []
+    if (retry_of := request.retry_of) is not None:
+        request, changes = redrive_request(store, request, service)
+        if changes:
+            history.append(documents.redriven(retry_of, triggered_by, at, changes))
     task_ids = select_tasks(store, request, timeout_s=selection_timeout_s)
     # A filter may match more than one job takes (the nightly backlog): say what is left.
     left_over = (
@@ -129,6 +139,7 @@ def create_job(
             left_over=left_over,
             backlog=backlog,
             at=at,
+            history=history,
         )
     )
     log.info(
@@ -153,6 +164,8 @@ def estimate_request(
 ) -> CostEstimate:
     """Validate and resolve the request like `create_job`, and estimate it; write nothing."""
     request = checked_request(conf, service)
+    if request.retry_of is not None:
+        request, _ = redrive_request(store, request, service)
     task_ids = select_tasks(store, request, timeout_s=selection_timeout_s)
     return estimate_job(
         store,
@@ -182,6 +195,45 @@ def select_tasks(store: JobStore, request: JobRequest, *, timeout_s: float) -> l
     )
     refuse_colliding_ids(task_ids)
     return task_ids
+
+
+def redrive_request(
+    store: JobStore, request: JobRequest, service: LLMService
+) -> tuple[JobRequest, dict[str, dict[str, Any]]]:
+    """Return a re-drive's request with the earlier job's question, and what it asks otherwise.
+
+    Each of `REDRIVE_INHERITS` left empty or at its default takes the earlier job's value (the
+    rule a resume follows). One given explicitly wins: the changes are returned as
+    `{name: {"from", "to"}}`, to be recorded on the new job.
+    """
+    assert request.retry_of is not None
+    earlier = store.get_job(request.retry_of)
+    if earlier is None:
+        return request, {}  # redrive_selection says there is no such job
+    stored = earlier.get("params") or {}
+    inherited = {
+        name: stored[name]
+        for name in REDRIVE_INHERITS
+        if not _given(name, getattr(request, name)) and stored.get(name) is not None
+    }
+    changes = {
+        name: {"from": stored.get(name, default_of(name)), "to": value}
+        for name in REDRIVE_INHERITS
+        if name not in inherited
+        and _given(name, value := getattr(request, name))
+        and value != stored.get(name, default_of(name))
+    }
+    if changes:
+        log.warning(
+            "re-drive of job %s asks otherwise than it did: %s",
+            request.retry_of,
+            ", ".join(f"{k} {v['from']!r} -> {v['to']!r}" for k, v in changes.items()),
+        )
+    redrive = dataclasses.replace(request, **inherited)
+    problems = service.llm_params_problems(redrive.llm_params)
+    if problems:
+        raise InvalidJobRequest(problems)
+    return redrive, changes
 
 
 def redrive_selection(store: JobStore, request: JobRequest) -> list[Any]:

@@ -154,7 +154,8 @@ REQUEST_FIELDS: tuple[RequestField, ...] = (
     RequestField(
         "retry_of", Kind.JOB_ID, Group.SELECTION, "Re-drive: failed tasks of job (new job)",
         "Send the failed tasks of this earlier job again, as a new job (instead of task "
-        "ids or a filter). To finish an unfinished job itself, use Resume job instead.",
+        "ids or a filter), with its instructions, model, LLM parameters and review threshold "
+        "unless you give others. To finish an unfinished job itself, use Resume job instead.",
         selects=True,
         messages={"not_job_id": "{name} {value!r} is not a job id"},
     ),

@@ -156,6 +156,61 @@ def test_redrive_sends_exactly_the_failed_tasks_of_the_earlier_job(
     assert summary.counts["succeeded"] == 3
 
 
+def test_a_redrive_asks_the_earlier_jobs_question_and_judges_its_answers_the_same_way(
+    store: JobStore,
+    start_simulator: Callable[..., Simulator],
+    make_client: Callable[..., LLMClient],
+) -> None:
+    sim = start_simulator(latency_ms=0)
+    seed(store, 10, invalid=frozenset({1, 4}))
+    asked = {
+        "instructions": "Tag it.",
+        "model": "sim-large",
+        "llm_params": {"temperature": 0.2},
+        "review_below": 0.9,
+        "alert_failure_rate": 0.5,
+    }
+    first = new_job(store, "r1", max_cost_usd=5.0, **asked)
+    run_job(store, make_client(sim), first)
+    reconcile_job(store, first)
+
+    retry = create_job(store, {"retry_of": first}, dag_id="d", run_id="r2", source="ui")
+
+    job = store.get_job(retry.job_id)
+    assert job is not None and retry.task_count == 2
+    assert {name: job["params"][name] for name in asked} == asked
+    assert job["params"]["max_cost_usd"] is None, "a budget is the job's own"
+    assert job["history"] == []
+
+
+def test_a_redrive_that_asks_another_question_is_recorded_on_the_new_job(
+    store: JobStore,
+    start_simulator: Callable[..., Simulator],
+    make_client: Callable[..., LLMClient],
+) -> None:
+    sim = start_simulator(latency_ms=0)
+    seed(store, 10, invalid=frozenset({1, 4}))
+    first = new_job(store, "r1", instructions="Tag it.", review_below=0.9)
+    run_job(store, make_client(sim), first)
+    reconcile_job(store, first)
+
+    retry = create_job(
+        store,
+        {"retry_of": first, "instructions": "Summarise."},
+        dag_id="d",
+        run_id="r2",
+        source="ui",
+        triggered_by="alice",
+    )
+
+    job = store.get_job(retry.job_id)
+    assert job is not None
+    assert (job["params"]["instructions"], job["params"]["review_below"]) == ("Summarise.", 0.9)
+    [entry] = job["history"]
+    assert (entry["event"], entry["retry_of"], entry["by"]) == ("redriven", first, "alice")
+    assert entry["changes"] == {"instructions": {"from": "Tag it.", "to": "Summarise."}}
+
+
 def test_redrive_of_a_job_without_failures_is_refused(
     store: JobStore,
     start_simulator: Callable[..., Simulator],

@@ -167,7 +167,8 @@ def within_budget(
     budget = params.get("max_cost_usd")
     if budget is None:
         return lines
-    left = budget - float(job.get("spent_usd") or 0.0)
+    # The audit trail, not `spent_usd` (a view that a failure may leave short).
+    left = budget - store.job_spend(job_id)
     kept: list[RequestLine] = []
     for line in lines:
         if upper_bound_usd([*kept, line], conn, params.get("llm_params")) <= left:

@@ -442,6 +442,22 @@ class TestChecksAndLimits:
         assert summary.counts["cancelled"] == 10
         assert summary.cost_usd <= 1.4
 
+    def test_the_budget_is_held_against_the_audit_trail_not_the_running_total(
+        self,
+        store: JobStore,
+        start_simulator: StartSimulator,
+        make_api: Callable[..., BatchApiClient],
+    ) -> None:
+        sim = start_simulator(**FAST)
+        api = make_api(sim, max_tokens_ceiling=400)
+        task_ids = seed(store, 30)
+        job_id = new_job(store, task_ids, max_cost_usd=1.4)
+        # An earlier try was billed $0.70, then died before adding it to the job's spent_usd.
+        store.llm_calls.insert_one({"job_id": job_id, "billed": True, "cost_usd": 0.7})
+        docs, _ = deliver_round(store, api, job_id)
+        # $0.70 left: one $0.6625 request fits (see the test above), not two.
+        assert sum(len(d["requests"]) for d in docs) == 1
+
     def test_a_batch_that_fails_validation_fails_its_tasks_without_a_re_send(
         self,
         store: JobStore,

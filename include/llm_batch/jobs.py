@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 
 RESUME_MAY_CHANGE = (
     "max_cost_usd", "review_below", "alert_failure_rate", "use_cache", "cache_below_review",
+    "resend_via",
 )  # fmt: skip
-"""Params a resume may change (recorded in the job's `history`): what the job may spend and how
-its answers are judged, not the question."""
+"""Params a resume may change (recorded in the job's `history`): what the job may spend, how
+its answers are judged and how an expired provider batch's rest is sent, not the question."""
 RESUME_KEEPS = ("instructions", "model", "llm_params")
 """Params a resume refuses to change, with the selection: the job's answers so far answer its
 stored question, and a new one would mix answers to two questions in one job."""
@@ -265,7 +266,7 @@ def resume_changes(job: Mapping[str, Any], request: JobRequest) -> dict[str, dic
     """Return the params a resume changes, as `{name: {"from", "to"}}`.
 
     A field left empty or at its default keeps the job's value. Raises `InvalidJobRequest`
-    when the request would change the question (`RESUME_KEEPS`) or the selection.
+    when the request would change the question (`RESUME_KEEPS`), the delivery or the selection.
     """
     job_id, stored = job["_id"], job.get("params") or {}
     problems = [
@@ -276,6 +277,15 @@ def resume_changes(job: Mapping[str, Any], request: JobRequest) -> dict[str, dic
         for name in RESUME_KEEPS
         if _given(name, value := getattr(request, name)) and value != stored.get(name)
     ]
+    # A job switched between sync and provider-batch delivery could have both send its tasks.
+    delivery = request.delivery
+    if _given("delivery", delivery) and delivery != stored.get("delivery", default_of("delivery")):
+        problems.append(
+            f"delivery cannot change when resuming job {job_id} (it has "
+            f"{stored.get('delivery')!r}, the request {delivery!r}): a provider batch it "
+            "submitted may still hold its tasks, and the other delivery would send them again. "
+            "Leave it at its default to resume, or submit a new job"
+        )
     selection = _changed_selection(stored, request)
     if selection:
         problems.append(
@@ -302,9 +312,10 @@ def _changed_selection(stored: Mapping[str, Any], request: JobRequest) -> list[s
     # An empty filter stands for "all of the job's tasks" (the CLI's --all).
     if request.filter not in (None, {}) and request.filter != stored.get("filter"):
         changed.append("filter")
+    # Not `limit`: the job's tasks are a snapshot, and the form always sends its own limit.
     changed += [
         name
-        for name in ("retry_of", "include_needs_review", "limit")
+        for name in ("retry_of", "include_needs_review")
         if _given(name, value := getattr(request, name)) and value != stored.get(name)
     ]
     return changed

@@ -83,7 +83,7 @@ def test_resuming_a_budget_exhausted_job_with_a_raised_budget_sends_the_rest_and
         ({"llm_params": {"temperature": 0.9}}, "llm_params cannot change when resuming"),
         ({"filter": {"payload.n": {"$lt": 5}}}, "the selection cannot change"),
         ({"filter": None, "task_ids": ["t00001"]}, "the selection cannot change"),
-        ({"limit": 3}, "the selection cannot change"),
+        ({"delivery": "provider_batch"}, "delivery cannot change when resuming"),
     ],
 )
 def test_resuming_with_another_question_or_selection_is_refused_and_changes_nothing(

@@ -47,6 +47,22 @@ def test_a_resume_names_every_field_it_refuses_to_change() -> None:
     assert "filter" in problems[-1] and "submit a new job" in problems[-1]
 
 
+def test_a_resume_from_the_form_with_its_own_limit_is_not_refused() -> None:
+    """The llm_batch_job form always sends its limit (100); the job's tasks are a snapshot."""
+    assert changes(filter={}, limit=100) == {}
+
+
+def test_a_resume_may_change_how_an_expired_provider_batchs_rest_is_sent() -> None:
+    assert changes(filter={}, resend_via="sync") == {
+        "resend_via": {"from": "provider_batch", "to": "sync"}
+    }
+
+
+def test_a_resume_refuses_another_delivery_instead_of_ignoring_it() -> None:
+    with pytest.raises(InvalidJobRequest, match="delivery cannot change when resuming"):
+        changes(filter={}, delivery="provider_batch")
+
+
 class FakeTaskInstance:
     def __init__(self, count: int, state: str | Exception) -> None:
         self.count, self.state = count, state

@@ -100,7 +100,14 @@ class ResponseCache:
         self._clock = clock
 
     def ensure_indexes(self) -> None:
-        """Let the server drop answers past `max_age_s` (best effort: lookups check age too)."""
+        """Let the server drop answers past `max_age_s` (best effort: lookups check age too).
+
+        A `max_age_s` of 0 turns the cache off: the index is left as it is, since a TTL made
+        from it would have the server delete every stored answer at once.
+        """
+        if self.max_age_s <= 0:
+            log.info("%s is off (max age 0): its TTL index is left as it is", self.collection.name)
+            return
         ttl = max(1, int(self.max_age_s))
         try:
             self.collection.create_index(

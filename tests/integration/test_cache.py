@@ -13,7 +13,7 @@ from pymongo.database import Database
 
 from llm_batch import config
 from llm_batch.batching import batch_count
-from llm_batch.cache import ResponseCache
+from llm_batch.cache import CachedAnswer, ResponseCache
 from llm_batch.jobs import create_job
 from llm_batch.processing import process_batch
 from llm_batch.reconcile import reconcile_job
@@ -165,6 +165,28 @@ def test_answers_older_than_the_max_age_are_asked_again(
     run(store, llm, cache, "r2")
 
     assert sim.stats()["tasks_billed"] - before == 10
+
+
+def test_turning_the_cache_off_keeps_the_stored_answers_and_their_ttl(
+    store: JobStore, cache: ResponseCache
+) -> None:
+    cache.store(
+        {"adapter": "batch", "model": "m"},
+        INSTRUCTIONS,
+        {},
+        [({"text": "a"}, CachedAnswer("ok", 0.9, "m"))],
+    )
+
+    ResponseCache(store.db[config.LLM_CACHE], max_age_s=0).ensure_indexes()
+
+    ttl = store.db[config.LLM_CACHE].index_information()["created_at_ttl"]
+    assert ttl["expireAfterSeconds"] == 3600
+    assert store.db[config.LLM_CACHE].count_documents({}) == 1
+
+
+def test_a_cache_that_is_off_creates_no_ttl_index(store: JobStore) -> None:
+    ResponseCache(store.db["llm_cache_off"], max_age_s=0).ensure_indexes()
+    assert "created_at_ttl" not in store.db["llm_cache_off"].index_information()
 
 
 def test_another_model_or_other_instructions_are_another_question(

@@ -23,7 +23,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from llm_batch import config
-from llm_batch.quoting import quote_untrusted
+from llm_batch.models import RESUMABLE_ERROR_TYPES
+from llm_batch.quoting import cap, quote_untrusted
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +125,9 @@ def summary_note(summary: Mapping[str, Any]) -> str:
         f"- wall time: {wall:.1f} s" if wall is not None else "- wall time: unknown",
     ]
     if summary.get("backlog_skipped"):
-        skipped = ", ".join(
-            f"{n} {r.replace('_', ' ')}" for r, n in summary["backlog_skipped"].items()
-        )
-        lines.append(f"- backlog tasks not sent again: {skipped}")
+        from llm_batch.reconcile import skipped_text
+
+        lines.append(f"- backlog tasks not sent again: {skipped_text(summary['backlog_skipped'])}")
     if summary.get("provider_batch"):
         from llm_batch.reconcile import provider_batch_line
 
@@ -148,7 +148,7 @@ def summary_note(summary: Mapping[str, Any]) -> str:
         example = quote_untrusted(error["example"], NOTE_QUOTE_CHARS)  # the provider's words
         lines.append(f"- error `{error['type']}` x{error['count']}: {example}")
     lines.append(f"- details: `llm-batch status {job_id}`")
-    return _fit("\n".join(lines), NOTE_MAX_CHARS)
+    return cap("\n".join(lines), NOTE_MAX_CHARS)
 
 
 def outcome_line(summary: Mapping[str, Any]) -> str:
@@ -187,7 +187,7 @@ def dry_run_note(estimate: Mapping[str, Any]) -> str:
         f"- basis: {estimate.get('basis')}",
         "- to run it: trigger again with Dry run off",
     ]
-    return _fit("\n".join(lines), NOTE_MAX_CHARS)
+    return cap("\n".join(lines), NOTE_MAX_CHARS)
 
 
 def refused_note(problems: list[str]) -> str:
@@ -196,7 +196,7 @@ def refused_note(problems: list[str]) -> str:
     lines = [f"{NOTE_MARKER} refused, nothing was sent: {first}**"]
     lines += [f"- also: {problem}" for problem in problems[1:]]
     lines.append("- no job was created: fix the form (Trigger again) and run it again")
-    return _fit("\n".join(lines), NOTE_MAX_CHARS)
+    return cap("\n".join(lines), NOTE_MAX_CHARS)
 
 
 def _usd(amount: float) -> str:
@@ -206,22 +206,19 @@ def _usd(amount: float) -> str:
 
 def _unsent(summary: Mapping[str, Any]) -> bool:
     """Return whether the job has tasks a resume would send again."""
-    resumable = {"not_processed", "job_aborted", "budget_exhausted", "cancelled"}
-    return any(e.get("type") in resumable for e in summary.get("top_errors") or [])
+    return any(e.get("type") in RESUMABLE_ERROR_TYPES for e in summary.get("top_errors") or [])
 
 
 def merge_note(ours: str, existing: str | None) -> str:
     """Return our note, keeping below it a note a person wrote on the run."""
     if not existing or existing.startswith(NOTE_MARKER):
         return ours
-    return _fit(f"{ours}\n\n---\n{existing}", NOTE_MAX_CHARS)
+    return cap(f"{ours}\n\n---\n{existing}", NOTE_MAX_CHARS)
 
 
-def _fit(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _xcom_value(session: Any, dag_run: Any, task_id: str, key: str = "return_value") -> Any:
+def _xcom_value(
+    session: Any, dag_run: Any, task_id: str, key: str = config.RETURN_VALUE_XCOM_KEY
+) -> Any:
     """Return the XCom `key` (default: the return value) of `task_id` in `dag_run`, or None."""
     from airflow.models.xcom import XComModel
 

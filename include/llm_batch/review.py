@@ -12,14 +12,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import Enum
 from typing import Any
 
 from pymongo import ReturnDocument
 
+from llm_batch import documents
 from llm_batch.batching import result_id
 from llm_batch.models import FINAL_JOB_STATES, ResultStatus
+from llm_batch.processing import utcnow
 from llm_batch.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -64,10 +66,6 @@ class Seen:
     def of(cls, result: Mapping[str, Any]) -> Seen:
         review = result.get("review") or {}
         return cls(status=str(result["status"]), decisions=int(review.get("count", 0)))
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def decide(
@@ -174,17 +172,7 @@ def _follow(store: JobStore, result: Mapping[str, Any]) -> None:
     store.tasks.update_one(
         # Only while this job's answer is the task's latest: a later job's result stands.
         {"_id": result["task_id"], "last_result.job_id": job_id},
-        {
-            "$set": {
-                "last_result": {
-                    "job_id": job_id,
-                    "status": result["status"],
-                    "output": result.get("output"),
-                    "error": result.get("error"),
-                    "finished_at": result["updated_at"],
-                }
-            }
-        },
+        {"$set": {"last_result": documents.last_result(result)}},
     )
     counts = {status.value: 0 for status in ResultStatus}
     counts.update(store.count_results(job_id))

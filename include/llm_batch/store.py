@@ -18,7 +18,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from llm_batch import config, documents
 from llm_batch.backlog import ATTEMPTS_FIELD
-from llm_batch.batching import batch_bounds, batch_id, result_id
+from llm_batch.batching import batch_bounds, batch_id, result_id, split_into_batches
 from llm_batch.models import FINAL_JOB_STATES, JobState
 
 log = logging.getLogger(__name__)
@@ -231,8 +231,7 @@ class JobStore:
 
     def add_auto_attempt(self, job_id: str, task_ids: Sequence[Any]) -> None:
         """Count a backlog job's attempt on these tasks (once per job, however often re-run)."""
-        for start in range(0, len(task_ids), config.LOOKUP_CHUNK):
-            chunk = list(task_ids[start : start + config.LOOKUP_CHUNK])
+        for chunk in split_into_batches(task_ids, config.LOOKUP_CHUNK):
             self.tasks.update_many({"_id": {"$in": chunk}}, {"$addToSet": {ATTEMPTS_FIELD: job_id}})
 
     def set_last_results(self, results: Iterable[Document]) -> int:

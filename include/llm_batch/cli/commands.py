@@ -23,6 +23,7 @@ from typing import Any
 import pymongo
 
 from llm_batch import config
+from llm_batch.batching import result_id
 from llm_batch.cli.airflow_client import AirflowAPIError, AirflowClient
 from llm_batch.cli.local_stack import StackFileError, read_stack_file, state_file
 from llm_batch.estimate import render_range
@@ -391,7 +392,7 @@ def cmd_review_decide(args: argparse.Namespace, settings: Settings) -> int:
             output = json.loads(text)
         except json.JSONDecodeError as exc:
             raise CliError(f"the corrected output is not valid JSON: {exc}", EXIT_REFUSED) from exc
-    current = store.results.find_one({"_id": f"{args.job_id}:{args.task_id}"})
+    current = store.results.find_one({"_id": result_id(args.job_id, args.task_id)})
     if current is not None and current.get("review") and not args.again:
         raise CliError(conflict_message(current) + " (or pass --again)", EXIT_REFUSED)
     try:

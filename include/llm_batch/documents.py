@@ -71,30 +71,32 @@ def new_job(
     }
 
 
-def redriven(
-    retry_of: str, by: str | None, at: datetime, changes: Mapping[str, Mapping[str, Any]]
+Changes = Mapping[str, Mapping[str, Any]]
+"""Params a request changed, as `{name: {"from", "to"}}`."""
+
+
+def history_entry(
+    event: str, ref: tuple[str, str], by: str | None, at: datetime, changes: Changes
 ) -> Document:
+    """Return a `jobs.history` entry: what happened (`ref`: the run or job it names), who, when,
+    and which params changed."""
+    return {
+        "event": event,
+        ref[0]: ref[1],
+        "by": by,
+        "at": at,
+        "changes": {name: dict(change) for name, change in changes.items()},
+    }
+
+
+def redriven(retry_of: str, by: str | None, at: datetime, changes: Changes) -> Document:
     """Return the `jobs.history` entry of a re-drive that asks otherwise than the earlier job."""
-    return {
-        "event": "redriven",
-        "retry_of": retry_of,
-        "by": by,
-        "at": at,
-        "changes": {name: dict(change) for name, change in changes.items()},
-    }
+    return history_entry("redriven", ("retry_of", retry_of), by, at, changes)
 
 
-def resumed(
-    run_id: str, by: str | None, at: datetime, changes: Mapping[str, Mapping[str, Any]]
-) -> Document:
+def resumed(run_id: str, by: str | None, at: datetime, changes: Changes) -> Document:
     """Return the `jobs.history` entry of a resume: who, when, and which params changed."""
-    return {
-        "event": "resumed",
-        "run_id": run_id,
-        "by": by,
-        "at": at,
-        "changes": {name: dict(change) for name, change in changes.items()},
-    }
+    return history_entry("resumed", ("run_id", run_id), by, at, changes)
 
 
 # results

@@ -156,13 +156,19 @@ def test_redrive_sends_exactly_the_failed_tasks_of_the_earlier_job(
     assert summary.counts["succeeded"] == 3
 
 
+def finished_job_with_two_failures(store: JobStore, client: LLMClient, **conf: Any) -> str:
+    seed(store, 10, invalid=frozenset({1, 4}))
+    job_id = new_job(store, "r1", **conf)
+    run_job(store, client, job_id)
+    reconcile_job(store, job_id)
+    return job_id
+
+
 def test_a_redrive_asks_the_earlier_jobs_question_and_judges_its_answers_the_same_way(
     store: JobStore,
     start_simulator: Callable[..., Simulator],
     make_client: Callable[..., LLMClient],
 ) -> None:
-    sim = start_simulator(latency_ms=0)
-    seed(store, 10, invalid=frozenset({1, 4}))
     asked = {
         "instructions": "Tag it.",
         "model": "sim-large",
@@ -170,9 +176,8 @@ def test_a_redrive_asks_the_earlier_jobs_question_and_judges_its_answers_the_sam
         "review_below": 0.9,
         "alert_failure_rate": 0.5,
     }
-    first = new_job(store, "r1", max_cost_usd=5.0, **asked)
-    run_job(store, make_client(sim), first)
-    reconcile_job(store, first)
+    client = make_client(start_simulator(latency_ms=0))
+    first = finished_job_with_two_failures(store, client, max_cost_usd=5.0, **asked)
 
     retry = create_job(store, {"retry_of": first}, dag_id="d", run_id="r2", source="ui")
 
@@ -188,11 +193,8 @@ def test_a_redrive_that_asks_another_question_is_recorded_on_the_new_job(
     start_simulator: Callable[..., Simulator],
     make_client: Callable[..., LLMClient],
 ) -> None:
-    sim = start_simulator(latency_ms=0)
-    seed(store, 10, invalid=frozenset({1, 4}))
-    first = new_job(store, "r1", instructions="Tag it.", review_below=0.9)
-    run_job(store, make_client(sim), first)
-    reconcile_job(store, first)
+    client = make_client(start_simulator(latency_ms=0))
+    first = finished_job_with_two_failures(store, client, instructions="Tag it.", review_below=0.9)
 
     retry = create_job(
         store,

@@ -35,6 +35,13 @@ StartSimulator = Callable[..., Simulator]
 
 
 @pytest.fixture
+def cache(store: JobStore) -> ResponseCache:
+    cache = ResponseCache(store.db["llm_cache"], max_age_s=3600)
+    cache.ensure_indexes()
+    return cache
+
+
+@pytest.fixture
 def make_api() -> Iterator[Callable[..., BatchApiClient]]:
     made: list[BatchApiClient] = []
 
@@ -91,6 +98,18 @@ def deliver_round(
     docs = provider_batch.attach_or_submit(store, api, conn, job_id, cache=cache)
     wait_until_ended(api, [doc["provider_batch_id"] for doc in docs])
     return docs, provider_output.read_back(store, api, conn, job_id, cache=cache)
+
+
+def budget_for_two_of_three_requests(
+    store: JobStore, start_simulator: StartSimulator, make_api: Callable[..., BatchApiClient]
+) -> tuple[BatchApiClient, str]:
+    """Return a client and a job of 3 requests with a budget ($1.40) for two of them.
+
+    Each request: 10 x 145 input tokens (the system prompt counted with every task) and at
+    most 400 output tokens (the ceiling), at half of $0.5/$1.5 per 1k: $0.6625.
+    """
+    api = make_api(start_simulator(**FAST), max_tokens_ceiling=400)
+    return api, new_job(store, seed(store, 30), max_cost_usd=1.4)
 
 
 def wait_until_ended(api: BatchApiClient, batch_ids: list[str], timeout_s: float = 20) -> None:
@@ -166,13 +185,12 @@ class TestCompletedBatch:
     def test_answers_go_into_the_cache_and_answer_the_next_job(
         self,
         store: JobStore,
+        cache: ResponseCache,
         start_simulator: StartSimulator,
         make_api: Callable[..., BatchApiClient],
     ) -> None:
         sim = start_simulator(**FAST)
         api = make_api(sim)
-        cache = ResponseCache(store.db["llm_cache"], max_age_s=3600)
-        cache.ensure_indexes()
         task_ids = seed(store, 10)
         deliver_round(store, api, new_job(store, task_ids), cache)
         second = new_job(store, task_ids)
@@ -184,13 +202,12 @@ class TestCompletedBatch:
     def test_a_task_deleted_while_the_provider_worked_ends_task_missing_and_the_rest_stored(
         self,
         store: JobStore,
+        cache: ResponseCache,
         start_simulator: StartSimulator,
         make_api: Callable[..., BatchApiClient],
     ) -> None:
         sim = start_simulator(**FAST)
         api = make_api(sim)
-        cache = ResponseCache(store.db["llm_cache"], max_age_s=3600)
-        cache.ensure_indexes()
         task_ids = seed(store, 10)
         job_id = new_job(store, task_ids)
         conn = connection(api)
@@ -429,14 +446,8 @@ class TestChecksAndLimits:
         start_simulator: StartSimulator,
         make_api: Callable[..., BatchApiClient],
     ) -> None:
-        sim = start_simulator(**FAST)
-        api = make_api(sim, max_tokens_ceiling=400)
-        task_ids = seed(store, 30)
-        job_id = new_job(store, task_ids, max_cost_usd=1.4)
+        api, job_id = budget_for_two_of_three_requests(store, start_simulator, make_api)
         docs, _ = deliver_round(store, api, job_id)
-        # Each request: 10 x 145 input tokens (the system prompt counted with every task) and
-        # at most 400 output tokens (the ceiling), at half of $0.5/$1.5 per 1k: $0.6625, so
-        # two of the three fit in $1.40.
         assert sum(len(d["requests"]) for d in docs) == 2
         summary = reconcile_job(store, job_id)
         assert summary.counts["cancelled"] == 10
@@ -448,14 +459,11 @@ class TestChecksAndLimits:
         start_simulator: StartSimulator,
         make_api: Callable[..., BatchApiClient],
     ) -> None:
-        sim = start_simulator(**FAST)
-        api = make_api(sim, max_tokens_ceiling=400)
-        task_ids = seed(store, 30)
-        job_id = new_job(store, task_ids, max_cost_usd=1.4)
+        api, job_id = budget_for_two_of_three_requests(store, start_simulator, make_api)
         # An earlier try was billed $0.70, then died before adding it to the job's spent_usd.
         store.llm_calls.insert_one({"job_id": job_id, "billed": True, "cost_usd": 0.7})
         docs, _ = deliver_round(store, api, job_id)
-        # $0.70 left: one $0.6625 request fits (see the test above), not two.
+        # $0.70 left: one $0.6625 request fits, not two.
         assert sum(len(d["requests"]) for d in docs) == 1
 
     def test_a_batch_that_fails_validation_fails_its_tasks_without_a_re_send(

@@ -174,31 +174,28 @@ def test_a_nightly_job_resumed_under_the_job_dag_is_checked_against_that_dags_ru
 ) -> None:
     seed(store, 20)
     job_id = create_job(
-        store, {"filter": {}}, dag_id="llm_batch_nightly", run_id="scheduled__1", source="ui"
+        store,
+        {"filter": {}},
+        dag_id="llm_batch_nightly",
+        run_id="scheduled__1",
+        source="scheduled",
     ).job_id
     live = {("llm_batch_job", "cli__resume")}
 
-    def run_active(dag_id: str, run_id: str) -> bool:
-        return (dag_id, run_id) in live
+    def resume(run_id: str) -> None:
+        create_job(
+            store,
+            {"filter": {}, "job_id": job_id},
+            dag_id="llm_batch_job",
+            run_id=run_id,
+            source="cli",
+            run_active=lambda dag_id, run_id: (dag_id, run_id) in live,
+        )
 
-    create_job(
-        store,
-        {"filter": {}, "job_id": job_id},
-        dag_id="llm_batch_job",
-        run_id="cli__resume",
-        source="ui",
-        run_active=run_active,
-    )
+    resume("cli__resume")
     job = store.get_job(job_id)
     assert job is not None and (job["dag_id"], job["run_id"]) == ("llm_batch_job", "cli__resume")
 
     # While the resuming run still sends, a second resume must be refused, not take over.
     with pytest.raises(InvalidJobRequest, match="under run cli__resume of DAG llm_batch_job"):
-        create_job(
-            store,
-            {"filter": {}, "job_id": job_id},
-            dag_id="llm_batch_job",
-            run_id="cli__again",
-            source="ui",
-            run_active=run_active,
-        )
+        resume("cli__again")

@@ -20,6 +20,8 @@ Why sharing is safe:
   batch that failed (the failure may have been the settings: a revoked key, a moved server).
   A client whose connection changed is replaced for the batches that start next, and closed
   when the last batch using it has finished with it: nothing is closed under a batch.
+- Nothing of a job passes through them (job state stays in MongoDB): each triggerer, and a
+  triggerer started again, builds its own on first use, so nothing assumes one machine.
 """
 
 from __future__ import annotations
@@ -191,12 +193,10 @@ class SharedClients:
         pool_maxsize: int,
         ttl_s: float = config.CONNECTION_TTL_S,
         clock: Callable[[], float] = time.monotonic,
-        read_mongo: Callable[[], MongoTarget] = MongoTarget.read,
-        read_llm: Callable[[], ClientSettings] = read_llm_settings,
     ) -> None:
         self._pool_maxsize = pool_maxsize
-        self._mongo_target = Fresh(read_mongo, ttl_s, clock=clock)
-        self._llm_settings = Fresh(read_llm, ttl_s, clock=clock)
+        self._mongo_target = Fresh(MongoTarget.read, ttl_s, clock=clock)
+        self._llm_settings = Fresh(read_llm_settings, ttl_s, clock=clock)
         self._mongo_clients: Shared[MongoClient[dict[str, Any]]] = Shared(_close_mongo)
         self._sessions: Shared[requests.Session] = Shared(_close_session)
 

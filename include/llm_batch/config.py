@@ -15,6 +15,11 @@ TRIGGER_THREADS_ENV = "LLM_BATCH_TRIGGER_THREADS"
 """Threads a triggerer runs deferred batches on; size it to the pool's slots (docs/scale-out.md)."""
 DEFAULT_TRIGGER_THREADS = 128
 
+CONNECTION_TTL_S = 30.0
+"""How long the triggerer's batches reuse what they read of `mongo_default` and `llm_default`
+before reading them again (a rotated key or a changed extra takes effect within this time);
+a batch that fails makes the next one read them again at once."""
+
 MONGO_CONN_ID = "mongo_default"
 LLM_CONN_ID = "llm_default"
 DEFAULT_DATABASE = "llm_batch"

@@ -61,6 +61,24 @@ MAX_TASKS_PER_REQUEST = 10
 """The batch service takes 1 to 10 tasks per request."""
 POOL_MAXSIZE = 16
 """Keep-alive connections kept per host by a client's own session."""
+POOL_HOSTS = 4
+"""Hosts a session keeps connection pools for (more endpoints than this: the least used lose
+theirs)."""
+
+
+def new_session(pool_maxsize: int = POOL_MAXSIZE, hosts: int = POOL_HOSTS) -> requests.Session:
+    """Return an HTTP session keeping `pool_maxsize` connections alive per host, never retrying.
+
+    Retries are the client's own (backoff, idempotency keys), so the transport makes none.
+    Several clients may share one session from several threads (the triggerer's batches):
+    credentials travel per request (`auth=`), never on the session; size `pool_maxsize` to
+    the requests in flight at once, or connections past it are opened and dropped each time.
+    """
+    session = requests.Session()
+    pooled = HTTPAdapter(pool_connections=hosts, pool_maxsize=pool_maxsize, max_retries=0)
+    session.mount("http://", pooled)
+    session.mount("https://", pooled)
+    return session
 
 
 @dataclass
@@ -123,6 +141,8 @@ class LLMClient:
     :param rate_limiter: paces requests and shares endpoint health; give every worker one
         over the same store (e.g. `llm_batch.limiter_store.MongoLimiterStore`) to share them
         across processes. Default: a limiter private to this client.
+    :param session: an HTTP session shared with other clients (see `new_session`); its owner
+        closes it, `close` does not. Default: a session of this client's own.
     """
 
     def __init__(
@@ -138,12 +158,7 @@ class LLMClient:
         self.settings = settings
         self._adapter = make_adapter(settings.adapter)
         self._owns_session = session is None
-        if session is None:
-            session = requests.Session()
-            pooled = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_MAXSIZE, max_retries=0)
-            session.mount("http://", pooled)
-            session.mount("https://", pooled)
-        self._session = session
+        self._session = new_session() if session is None else session
         self._sleep = sleep
         self._rng = rng if rng is not None else random.Random()
         self._clock = clock

@@ -1,7 +1,8 @@
 """The deferred batch trigger against a real MongoDB-wire server and the simulator over HTTP.
 
 The trigger runs in an event loop here as in the triggerer, with its connections from the
-environment (as Airflow gives them); every batch of a job is in flight at once.
+environment (as Airflow gives them); every batch of a job is in flight at once. Each test gets
+the triggerer's shared clients afresh, on a clock it moves itself.
 """
 
 from __future__ import annotations
@@ -9,16 +10,23 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
+from airflow.sdk import BaseHook
 from airflow.triggers.base import TaskFailedEvent, TaskSuccessEvent, TriggerEvent
+from pymongo.errors import InvalidOperation
 
+from llm_batch import config
 from llm_batch.batching import batch_count
 from llm_batch.jobs import create_job
+from llm_batch.orchestration import batch_trigger
 from llm_batch.orchestration.batch_trigger import ProcessBatchTrigger
+from llm_batch.orchestration.shared_clients import SharedClients
 from llm_batch.store import JobStore
+from llm_hook.pacing import RateLimiter
 from tests.conftest import Simulator
 from tests.integration.test_pipeline import seed
 
@@ -57,6 +65,44 @@ def connections(
         monkeypatch.setenv("LLM_BATCH_CACHE_MAX_AGE_S", "0")
 
     return point_at
+
+
+class Clock:
+    """Monotonic seconds that pass only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture(autouse=True)
+def shared_clients(clock: Clock, monkeypatch: pytest.MonkeyPatch) -> Iterator[SharedClients]:
+    """The triggerer's shared clients, new for each test (whose connections differ)."""
+    clients = SharedClients(pool_maxsize=8, clock=clock)
+    monkeypatch.setattr(batch_trigger, "BATCH_CLIENTS", clients)
+    yield clients
+    clients.close()
+
+
+@pytest.fixture
+def lookups(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Count the connection look-ups (in a triggerer, each a round trip to the api-server)."""
+    counted: Counter[str] = Counter()
+    look_up = BaseHook.get_connection.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type, conn_id: str) -> Any:
+        counted[conn_id] += 1
+        return look_up(cls, conn_id)
+
+    monkeypatch.setattr(BaseHook, "get_connection", classmethod(counting))
+    return counted
 
 
 def run_triggers(triggers: list[ProcessBatchTrigger]) -> list[TriggerEvent]:
@@ -143,3 +189,89 @@ def test_a_job_over_budget_is_not_sent_from_the_triggerer_either(
     assert isinstance(first[0], TaskSuccessEvent) and sent_after_first >= 1
     assert all(isinstance(e, TaskSuccessEvent) for e in rest)
     assert sim.stats()["requests_total"] == sent_after_first
+
+
+def test_the_batches_of_one_triggerer_share_one_mongo_client_and_read_each_connection_once(
+    store: JobStore,
+    start_simulator: StartSimulator,
+    connections: Callable[[Simulator], None],
+    shared_clients: SharedClients,
+    lookups: Counter[str],
+) -> None:
+    connections(start_simulator(latency_ms=50))
+    seed(store, 50)
+    job = create_job(store, {"filter": {}}, dag_id="d", run_id="r", source="manual")
+
+    events = run_triggers([ProcessBatchTrigger(job.job_id, n, 1) for n in range(5)])
+
+    assert all(isinstance(e, TaskSuccessEvent) for e in events)
+    assert store.db.results.count_documents({"job_id": job.job_id}) == 50
+    assert lookups == Counter({config.MONGO_CONN_ID: 1, config.LLM_CONN_ID: 1})
+    with shared_clients.store() as first, shared_clients.store() as second:
+        assert first.db.client is second.db.client
+        assert first.db.name == store.db.name
+
+
+def test_a_rotated_llm_connection_is_used_after_the_ttl_and_not_before(
+    store: JobStore,
+    start_simulator: StartSimulator,
+    connections: Callable[[Simulator], None],
+    clock: Clock,
+) -> None:
+    old, new = start_simulator(api_key="old-key"), start_simulator(api_key="new-key")
+    connections(old)
+    seed(store, 30)
+    job = create_job(store, {"filter": {}}, dag_id="d", run_id="r", source="manual")
+
+    first = run_triggers([ProcessBatchTrigger(job.job_id, 0, 1)])
+    connections(new)  # another host and key, as after a rotation
+    clock.now = config.CONNECTION_TTL_S - 1
+    within_ttl = run_triggers([ProcessBatchTrigger(job.job_id, 1, 1)])
+    clock.now = config.CONNECTION_TTL_S + 1
+    after_ttl = run_triggers([ProcessBatchTrigger(job.job_id, 2, 1)])
+
+    assert all(isinstance(e, TaskSuccessEvent) for e in first + within_ttl + after_ttl)
+    assert old.stats()["requests_total"] == 2
+    assert new.stats()["requests_total"] == 1
+    assert store.db.results.count_documents({"job_id": job.job_id}) == 30
+
+
+def test_a_failed_batch_makes_the_next_one_read_the_connections_again(
+    start_simulator: StartSimulator,
+    connections: Callable[[Simulator], None],
+    shared_clients: SharedClients,
+) -> None:
+    old, new = start_simulator(api_key="old-key"), start_simulator(api_key="new-key")
+    connections(old)
+    with pytest.raises(RuntimeError), shared_clients.llm_client(RateLimiter()):
+        raise RuntimeError("the batch failed (e.g. the service refused the key)")
+    connections(new)
+
+    with shared_clients.llm_client(RateLimiter()) as client:
+        assert [e.url for e in client.endpoints] == [new.url]
+
+
+def test_a_replaced_mongo_client_is_closed_only_after_its_last_batch_is_done(
+    store: JobStore,
+    mongo_uri: str,
+    connections: Callable[[Simulator], None],
+    start_simulator: StartSimulator,
+    shared_clients: SharedClients,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    connections(start_simulator())
+    host = mongo_uri.removeprefix("mongodb://")
+    with shared_clients.store() as held:
+        replaced = held.db.client
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_MONGO_DEFAULT", f"mongo://{host}/{store.db.name}?appname=rotated"
+        )
+        clock.now = config.CONNECTION_TTL_S
+        with shared_clients.store() as fresh:
+            assert fresh.db.client is not replaced
+            fresh.jobs.count_documents({})
+        # The batch that holds the replaced client can still finish with it.
+        held.jobs.count_documents({})
+    with pytest.raises(InvalidOperation):
+        replaced.admin.command("ping")

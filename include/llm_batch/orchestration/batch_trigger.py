@@ -1,14 +1,27 @@
 """The deferred `process_batch`: the batch runs in the triggerer, on a bounded thread pool.
 
 One implementation serves both modes: the trigger runs the same synchronous task body as a
-worker (`task_bodies.process_batch`: the connections, the store, the shared rate limiter, the
-cache, `processing.process_batch`) on a thread of a pool owned by this module, so nothing
-blocking runs on the triggerer's event loop. The pool is sized by `LLM_BATCH_TRIGGER_THREADS`
-(set it to the `llm_api` pool's slots: a deferred batch holds one of each); the loop's default
+worker (`task_bodies.process_batch`: the store, the shared rate limiter, the cache,
+`processing.process_batch`) on a thread of a pool owned by this module, so nothing blocking
+runs on the triggerer's event loop. The pool is sized by `LLM_BATCH_TRIGGER_THREADS` (set it
+to the `llm_api` pool's slots: a deferred batch holds one of each); the loop's default
 executor, shared with Airflow's own blocking calls, is never used.
 
+Only where the body gets its clients differs. A worker opens them per task (a process per task
+anyway); here every batch of the process is lent the same ones (`BATCH_CLIENTS`, see
+`shared_clients`): one MongoDB client per connection URI, one HTTP session per set of LLM
+endpoints (each batch still builds its own `LLMClient` around it: its own rounds, keys and
+view of endpoint health), and what `mongo_default` and `llm_default` say, read at most every
+`CONNECTION_TTL_S` (30 s) and again right after a failed batch, so a rotated key or a changed
+extra is picked up without restarting the triggerer. A client replaced by a changed connection
+is closed only when the last batch using it is done. Per batch this saves two connection
+look-ups (round trips through the triggerer's supervisor to the api-server), a MongoDB
+handshake with its monitor threads, and new HTTP connections (docs/performance.md has the
+measured CPU).
+
 A triggerer can run a trigger twice (after a failover): the body keeps the request's
-idempotency key and writes only idempotent upserts, as a retried worker does.
+idempotency key and writes only idempotent upserts, as a retried worker does; the shared
+clients change none of that (pymongo's client is thread-safe; every write is an upsert).
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TaskFailedEvent, TaskSuccessEvent, TriggerEvent
 
 from llm_batch import config
+from llm_batch.orchestration.shared_clients import SharedClients
 
 
 def trigger_threads(environ: Mapping[str, str] = os.environ) -> int:
@@ -47,12 +61,15 @@ BATCH_THREADS = ThreadPoolExecutor(max_workers=trigger_threads(), thread_name_pr
 """The triggerer's threads for batches: a resource of the process, no state (threads start on
 first use, so importing this module in a worker costs nothing)."""
 
+BATCH_CLIENTS = SharedClients(pool_maxsize=trigger_threads())
+"""The clients every batch of this process shares (built on first use, like the threads)."""
+
 
 def run_batch(job_id: str, batch_no: int, try_number: int) -> dict[str, Any]:
-    """Run the worker's task body (on a batch thread: it imports, connects and blocks)."""
+    """Run the worker's task body on the shared clients (on a batch thread: it blocks)."""
     from llm_batch.orchestration.task_bodies import process_batch
 
-    return process_batch(job_id, batch_no, try_number=try_number)
+    return process_batch(job_id, batch_no, try_number=try_number, clients=BATCH_CLIENTS)
 
 
 class ProcessBatchTrigger(BaseTrigger):

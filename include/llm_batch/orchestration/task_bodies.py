@@ -10,8 +10,8 @@ import logging
 import os
 import re
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager, contextmanager
+from typing import TYPE_CHECKING, Any, Protocol
 
 from airflow.providers.mongo.hooks.mongo import MongoHook
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
@@ -32,6 +32,8 @@ from llm_hook.settings import ClientSettings
 
 if TYPE_CHECKING:
     from llm_hook.batch_api import BatchApiClient
+    from llm_hook.client import LLMClient
+    from llm_hook.pacing import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -190,29 +192,57 @@ def fail_if_job_stopped(job_id: str, batch_no: int) -> None:
         raise AirflowFailException(f"job {job_id} was stopped: {abort.get('message')}")
 
 
-def process_batch(job_id: str, batch_no: int, *, try_number: int) -> dict[str, Any]:
-    """Process one batch through the `llm_default` connection, paced with all other workers."""
-    from llm_hook import LLMHook
+class BatchClients(Protocol):
+    """Where a batch gets its store and its LLM client: opened for it, or lent by its process."""
 
+    def store(self) -> AbstractContextManager[JobStore]:
+        """Yield the store on the `mongo_default` connection."""
+        ...
+
+    def llm_client(self, rate_limiter: RateLimiter) -> AbstractContextManager[LLMClient]:
+        """Yield a client of the `llm_default` connection, paced by `rate_limiter`."""
+        ...
+
+
+class TaskClients:
+    """Open the connections for one task and close them after it (a worker: one task a process).
+
+    The connections are read afresh by every task instance: an endpoint added to one serves
+    the next batch. (The triggerer shares them instead: `shared_clients.SharedClients`.)
+    """
+
+    def store(self) -> AbstractContextManager[JobStore]:
+        return open_store()
+
+    @contextmanager
+    def llm_client(self, rate_limiter: RateLimiter) -> Iterator[LLMClient]:
+        from llm_hook import LLMHook
+
+        with LLMHook(llm_conn_id=config.LLM_CONN_ID).get_conn(rate_limiter=rate_limiter) as client:
+            yield client
+
+
+def process_batch(
+    job_id: str, batch_no: int, *, try_number: int, clients: BatchClients | None = None
+) -> dict[str, Any]:
+    """Process one batch through the `llm_default` connection, paced with all other workers.
+
+    :param clients: where the store and the LLM client come from; default: opened for this
+        batch and closed after it (`TaskClients`).
+    """
+    clients = clients if clients is not None else TaskClients()
     try:
-        with open_store() as store:
-            # The connection is read afresh by every task instance: an endpoint added to it
-            # serves the next batch. The limiter shares budgets and health through MongoDB.
-            client = LLMHook(llm_conn_id=config.LLM_CONN_ID).get_conn(
-                rate_limiter=mongo_rate_limiter(store.db)
-            )
+        # The limiter shares budgets and endpoint health through MongoDB.
+        with clients.store() as store, clients.llm_client(mongo_rate_limiter(store.db)) as client:
             cache = response_cache(store)
-            try:
-                report = processing.process_batch(
-                    store,
-                    client,
-                    job_id,
-                    batch_no,
-                    try_number=try_number,
-                    cache=cache if cache.max_age_s > 0 else None,
-                )
-            finally:
-                client.close()
+            report = processing.process_batch(
+                store,
+                client,
+                job_id,
+                batch_no,
+                try_number=try_number,
+                cache=cache if cache.max_age_s > 0 else None,
+            )
     except JobAborted as exc:
         raise AirflowFailException(str(exc)) from exc
     return report.to_dict()

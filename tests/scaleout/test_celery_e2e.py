@@ -14,7 +14,7 @@ import requests
 
 from llm_batch import config
 from tests.e2e.test_job_dag import check_job_in_mongo, seed_tasks, trigger, wait_for_run
-from tests.scaleout.conftest import CeleryCluster, connections_in_use
+from tests.scaleout.conftest import CeleryCluster, PostgresService, connections_in_use
 
 pytestmark = pytest.mark.e2e
 
@@ -25,15 +25,16 @@ SECRET_KEY_ERROR = "same 'secret_key'"
 class ConnectionSampler(threading.Thread):
     """Record the most PostgreSQL connections the topology's database had at once."""
 
-    def __init__(self, database: str) -> None:
+    def __init__(self, server: PostgresService, database: str) -> None:
         super().__init__(daemon=True)
+        self.server = server
         self.database = database
         self.peak = 0
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.wait(0.5):
-            self.peak = max(self.peak, connections_in_use(self.database))
+            self.peak = max(self.peak, connections_in_use(self.server, self.database))
 
 
 def bearer(cluster: CeleryCluster) -> dict[str, str]:
@@ -93,7 +94,7 @@ def test_a_1000_task_job_runs_on_both_celery_workers_exactly_once_within_the_poo
     sim.reset()
     sim.configure(latency_ms=400, latency_jitter_ms=100, seed=5, error_5xx_rate=0.02)
     task_ids = seed_tasks(db, "celery-", TASKS)
-    sampler = ConnectionSampler(celery_cluster.database)
+    sampler = ConnectionSampler(celery_cluster.postgres, celery_cluster.database)
     sampler.start()
 
     started = time.monotonic()

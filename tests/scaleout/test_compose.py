@@ -36,6 +36,7 @@ from tests.scaleout.compose_render import (
     VARIABLE,
     connection_budget,
     filled_env,
+    postgres_max_connections,
     read_env_example,
     render,
     service_environment,
@@ -264,8 +265,7 @@ def test_postgres_accepts_the_connections_the_airflow_services_can_hold(
     compose: dict[str, Any],
 ) -> None:
     """Defect 5: pools and the result backend within PostgreSQL's max_connections."""
-    command = compose["services"]["postgres"]["command"]
-    max_connections = int(command[command.index("-c") + 1].split("=", 1)[1])
+    max_connections = postgres_max_connections(compose)
     reserved = 3  # superuser_reserved_connections
     for workers in (1, 2):
         budget = connection_budget(compose, workers)

@@ -12,6 +12,10 @@ Authentication is `peer` on the socket: the role is named after the user running
 only that user (the kernel says who connects) can log in as it. No password exists, so none can
 leak. PostgreSQL refuses to run as root: run as root, the stack runs the server as the system
 user `llm_batch_pg` (created on first use) and lets it traverse the work dir through its group.
+
+Tests that need the server reached as a remote one is (a host, a port, a role with a password:
+the compose topology of tests/scaleout) start one with a loopback TCP port too
+(`running_server`).
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ SERVER_USER = "llm_batch_pg"
 """The unprivileged system user the server runs as when the stack runs as root."""
 DATABASE = "airflow"
 SOCKET_PORT = 5432
-"""Only names the socket file (`.s.PGSQL.5432`): the server listens on no TCP port."""
+"""Only names the socket file (`.s.PGSQL.5432`): the stack's server listens on no TCP port."""
+TCP_HOST = "127.0.0.1"
+"""Where a server started with a TCP port listens (`running_server`): loopback only."""
 SOCKET_PATH_MAX = 107
 """sun_path is 108 bytes on Linux, with its terminating NUL."""
 
@@ -61,6 +67,8 @@ class PostgresLayout:
 
     root: Path
     """`<work dir>/postgres`."""
+    port: int = SOCKET_PORT
+    """Names the socket file (`.s.PGSQL.<port>`); also the TCP port of a server that has one."""
 
     @property
     def data_dir(self) -> Path:
@@ -77,11 +85,11 @@ class PostgresLayout:
 
     def url(self, database: str = DATABASE, driver: str = "postgresql+psycopg2") -> str:
         """SQLAlchemy URL over the unix socket (no password: `peer` authentication)."""
-        return f"{driver}://{self.role}@/{database}?host={self.socket_dir}"
+        return f"{driver}://{self.role}@:{self.port}/{database}?host={self.socket_dir}"
 
     def dsn(self, database: str = DATABASE) -> str:
         """libpq connection string, for psycopg2 and `psql`."""
-        return f"host={self.socket_dir} port={SOCKET_PORT} dbname={database} user={self.role}"
+        return f"host={self.socket_dir} port={self.port} dbname={database} user={self.role}"
 
 
 def binaries() -> Path:
@@ -136,8 +144,14 @@ def server_user() -> ServerUser:
     return ServerUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
 
 
-def prepare(work_dir: Path, layout: PostgresLayout, user: ServerUser) -> None:
-    """Create the server's directories with their owners and modes; initdb on first use."""
+def prepare(
+    work_dir: Path, layout: PostgresLayout, user: ServerUser, password_over_tcp: bool = False
+) -> None:
+    """Create the server's directories with their owners and modes; initdb on first use.
+
+    `password_over_tcp`: TCP connections log in with a password (scram-sha-256) instead of
+    being rejected; it takes effect at initdb, so only for a new data dir.
+    """
     if not user.is_current:
         # The work dir stays private: its group (the server's) may traverse it, not list it.
         os.chown(work_dir, os.geteuid(), user.gid)
@@ -148,24 +162,25 @@ def prepare(work_dir: Path, layout: PostgresLayout, user: ServerUser) -> None:
         directory.mkdir(mode=0o700, exist_ok=True)
         os.chown(directory, user.uid, user.gid)
         directory.chmod(0o700)
-    socket = layout.socket_dir / f".s.PGSQL.{SOCKET_PORT}"
+    socket = layout.socket_dir / f".s.PGSQL.{layout.port}"
     if len(str(socket).encode()) > SOCKET_PATH_MAX:
         raise StackError(
             f"The PostgreSQL socket path {socket} is longer than a unix socket allows "
             f"({SOCKET_PATH_MAX} bytes): use a shorter work dir (LLM_BATCH_HOME)."
         )
     if not (layout.data_dir / "PG_VERSION").exists():
-        _initdb(layout, user)
+        _initdb(layout, user, password_over_tcp)
 
 
-def server_argv(layout: PostgresLayout, max_connections: int) -> list[str]:
-    """Argv of the server: on the socket only, sized for `max_connections`."""
+def server_argv(layout: PostgresLayout, max_connections: int, tcp: bool = False) -> list[str]:
+    """Argv of the server: on the socket (and `TCP_HOST`:`layout.port` if `tcp`), sized for
+    `max_connections`."""
     return [
         str(binaries() / "postgres"),
         "-D", str(layout.data_dir),
         "-k", str(layout.socket_dir),
-        "-p", str(SOCKET_PORT),
-        "-c", "listen_addresses=",
+        "-p", str(layout.port),
+        "-c", f"listen_addresses={TCP_HOST if tcp else ''}",
         "-c", "unix_socket_permissions=0700",
         "-c", f"max_connections={max_connections}",
         # A dev stack: a commit need not wait for its WAL flush (an OS crash may lose the last
@@ -237,18 +252,23 @@ def stop(pid: int, grace_s: float = 20.0) -> None:
 
 
 @contextlib.contextmanager
-def running_server(work_dir: Path, max_connections: int = 200) -> Iterator[PostgresLayout]:
+def running_server(
+    work_dir: Path, max_connections: int = 200, tcp_port: int | None = None
+) -> Iterator[PostgresLayout]:
     """A server of its own under `work_dir` for as long as the block runs (tests, tools).
 
     `work_dir` must be one the server's user can reach (see `prepare`); the log is
-    `<work_dir>/postgres.log`.
+    `<work_dir>/postgres.log`. With `tcp_port` the server also listens on `TCP_HOST`:`tcp_port`,
+    where roles log in with their password; the superuser (`layout.role`) has none, so it
+    connects on the socket only.
     """
-    layout = PostgresLayout(work_dir / "postgres")
+    tcp = tcp_port is not None
+    layout = PostgresLayout(work_dir / "postgres", SOCKET_PORT if tcp_port is None else tcp_port)
     user = server_user()
-    prepare(work_dir, layout, user)
+    prepare(work_dir, layout, user, password_over_tcp=tcp)
     proc = processes.start(
         "postgres",
-        server_argv(layout, max_connections),
+        server_argv(layout, max_connections, tcp),
         work_dir / "postgres.log",
         env=server_environment(user, {}),
         cwd=work_dir,
@@ -266,13 +286,13 @@ def running_server(work_dir: Path, max_connections: int = 200) -> Iterator[Postg
 # Internals
 
 
-def _initdb(layout: PostgresLayout, user: ServerUser) -> None:
+def _initdb(layout: PostgresLayout, user: ServerUser, password_over_tcp: bool) -> None:
     argv = [
         str(binaries() / "initdb"),
         "-D", str(layout.data_dir),
         "-U", layout.role,
         "--auth-local=peer",
-        "--auth-host=reject",
+        f"--auth-host={'scram-sha-256' if password_over_tcp else 'reject'}",
         "--encoding=UTF8",
         "--locale=C",
         # Skip fsyncing a fresh cluster: a dev stack's database is recreated when lost.

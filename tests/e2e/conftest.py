@@ -2,8 +2,9 @@
 
 One stack per test session, in a temporary work dir on free ports, with the repo's dags and
 plugins and a small pool (`LLM_BATCH_TEST_POOL_SLOTS`, default 8). Its alerts go to a webhook
-served by the test session (`AlertSink`), through a `slackwebhook` connection given to the stack
-as an `AIRFLOW_CONN_*` variable, as a deployment would; and its runs' deadline is short
+served by the test session (`AlertSink`), through a `slackwebhook` connection stored in the
+stack's metadata DB (so the triggerer's deadline callback looks it up through Airflow's execution
+API, from its worker thread); and its runs' deadline is short
 (`E2E_DEADLINE_S`), so a test can see a deadline alert fire. It always comes down at the end,
 and the session fails if anything it started is still running.
 
@@ -152,9 +153,6 @@ def airflow_stack() -> Iterator[AirflowStack]:
             pool_slots=slots,
             simulator_config={"latency_ms": 50},
             airflow_env={
-                f"AIRFLOW_CONN_{config.ALERT_SLACK_CONN_ID.upper()}": json.dumps(
-                    {"conn_type": "slackwebhook", "password": alerts.url}
-                ),
                 config.ALERT_SLACK_CONN_ID_ENV: config.ALERT_SLACK_CONN_ID,
                 "LLM_BATCH_DEADLINE_S": str(E2E_DEADLINE_S),
             },
@@ -165,6 +163,10 @@ def airflow_stack() -> Iterator[AirflowStack]:
             stack.up()
         except (StackError, RuntimeError, TimeoutError) as exc:
             pytest.fail(f"The local stack did not start: {exc}", pytrace=False)
+        # The webhook URL is the connection's secret, as an operator would store it.
+        stack.airflow_api.put_connection(
+            config.ALERT_SLACK_CONN_ID, "slackwebhook", password=alerts.url
+        )
         simulator_process = stack.process("simulator")
         assert simulator_process is not None
         simulator = Simulator(stack.llm_url, stack.llm_api_key, simulator_process)

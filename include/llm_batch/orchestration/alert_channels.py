@@ -23,7 +23,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
@@ -32,6 +32,7 @@ from llm_batch import config
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection
+    from airflow.sdk.bases.notifier import BaseNotifier
 
     from llm_batch.alerts import Alert
 
@@ -44,14 +45,15 @@ RETIRED_SETTINGS = {
         f"create a connection of type slackwebhook with the webhook URL as its password "
         f"(`airflow connections add {config.ALERT_SLACK_CONN_ID} --conn-type slackwebhook "
         f"--conn-password '<URL>'`, or AIRFLOW_CONN_{config.ALERT_SLACK_CONN_ID.upper()}, or "
-        f"a secrets backend), set {config.ALERT_SLACK_CONN_ID_ENV}={config.ALERT_SLACK_CONN_ID}"
+        f"a secrets backend; docker-compose: ALERT_SLACK_WEBHOOK_URL in .env), set "
+        f"{config.ALERT_SLACK_CONN_ID_ENV}={config.ALERT_SLACK_CONN_ID}"
     ),
     "LLM_BATCH_ALERT_SMTP": (
         f"create the SMTP connection {config.DEFAULT_ALERT_SMTP_CONN_ID} (`airflow connections "
         f"add {config.DEFAULT_ALERT_SMTP_CONN_ID} --conn-type smtp --conn-host <host> "
         "--conn-port <port> --conn-login <user> --conn-password '<password>' --conn-extra "
-        "'{\"disable_ssl\": true}'`, or a secrets backend; another id: "
-        f"{config.ALERT_SMTP_CONN_ID_ENV})"
+        "'{\"disable_ssl\": true}'`, or a secrets backend; docker-compose: ALERT_SMTP_* in "
+        f".env; another id: {config.ALERT_SMTP_CONN_ID_ENV})"
     ),
 }
 """Settings that carried secrets in the environment, and what to set instead."""
@@ -122,7 +124,7 @@ class SlackChannel:
         )
 
 
-def _send(notifier: Any) -> None:
+def _send(notifier: BaseNotifier) -> None:
     # notify(), not notifier(context): calling the notifier renders its fields as Jinja
     # templates, and the alert quotes text the LLM provider wrote.
     notifier.notify({})

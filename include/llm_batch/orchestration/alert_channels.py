@@ -72,7 +72,14 @@ class EmailChannel:
     sender: str | None
     name: str = "email"
     conn_type: str = "smtp"
-    setting: str = config.ALERT_SMTP_CONN_ID_ENV
+    named_by: str = (
+        f"{config.ALERT_SMTP_CONN_ID_ENV}, default {config.DEFAULT_ALERT_SMTP_CONN_ID}; "
+        f"unset {config.ALERT_EMAIL_TO_ENV} to send no e-mail"
+    )
+    check: str = (
+        "check its host, port, login and password, and its extra for the server's TLS "
+        '(`{"disable_ssl": true}`: STARTTLS, as on port 587; `"disable_tls": true` too: none)'
+    )
 
     def send(self, alert: Alert, connection: Connection) -> None:
         from airflow.providers.smtp.notifications.smtp import SmtpNotifier
@@ -107,7 +114,8 @@ class SlackChannel:
     conn_id: str
     name: str = "slack"
     conn_type: str = "slackwebhook"
-    setting: str = config.ALERT_SLACK_CONN_ID_ENV
+    named_by: str = f"{config.ALERT_SLACK_CONN_ID_ENV}; unset it to post no Slack alerts"
+    check: str = "check the webhook URL in its password, and that the endpoint answers 200"
 
     def send(self, alert: Alert, connection: Connection) -> None:
         from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
@@ -170,9 +178,9 @@ def deliver(channel: EmailChannel | SlackChannel, alert: Alert) -> None:
         connection = BaseHook.get_connection(channel.conn_id)
     except AirflowNotFoundException:
         raise ChannelError(
-            f"no Airflow connection {channel.conn_id!r} (named by {channel.setting} or its "
-            f"default): create it, e.g. {channel.how_to_create()}, or as "
-            f"AIRFLOW_CONN_{channel.conn_id.upper()} or in a secrets backend"
+            f"no Airflow connection {channel.conn_id!r}: create it, e.g. "
+            f"{channel.how_to_create()}, or as AIRFLOW_CONN_{channel.conn_id.upper()} or in a "
+            f"secrets backend (named by {channel.named_by})"
         ) from None
     try:
         channel.send(alert, connection)
@@ -181,7 +189,7 @@ def deliver(channel: EmailChannel | SlackChannel, alert: Alert) -> None:
         reason = _without_secret(f"{type(exc).__name__}: {exc}", connection)
         raise ChannelError(
             f"connection {channel.conn_id!r} (type {channel.conn_type}) failed with {reason}: "
-            "check its host, port, login and password (and extras)"
+            f"{channel.check}"
         ) from None
 
 

@@ -1,35 +1,17 @@
 """Alerts that lead to an action: fire only when someone must do something, and say what.
 
-An alert is always written to the log; it is also POSTed as JSON to a webhook (a generic
-endpoint, or a Slack incoming webhook, which takes the same `{"text": ...}` body) when
-`LLM_BATCH_ALERT_WEBHOOK` is set, and e-mailed to `LLM_BATCH_ALERT_EMAIL_TO` through the SMTP
-server `LLM_BATCH_ALERT_SMTP` (`smtp://[user:password@]host[:port]`, STARTTLS when the server
-offers it; `smtps://` for implicit TLS) when both are set.
+This module writes them; `llm_batch.orchestration.alert_channels.notify` delivers them (the
+log, and e-mail or Slack through Airflow's notifiers on Airflow connections).
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import smtplib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from email.message import EmailMessage
 from typing import Any
-from urllib.parse import unquote, urlsplit
-
-import requests
 
 from llm_batch import config
 from llm_batch.quoting import ALERT_QUOTE_CHARS, quote_untrusted
-
-log = logging.getLogger(__name__)
-
-WEBHOOK_ENV = "LLM_BATCH_ALERT_WEBHOOK"
-SMTP_ENV = "LLM_BATCH_ALERT_SMTP"
-EMAIL_TO_ENV = "LLM_BATCH_ALERT_EMAIL_TO"
-EMAIL_FROM_ENV = "LLM_BATCH_ALERT_EMAIL_FROM"
-DEFAULT_EMAIL_FROM = "llm-batch@localhost"
 
 REDRIVE = "`llm-batch submit --retry-of {job_id}`"
 RESUME = "`llm-batch submit --all --job-id {job_id} --wait`"
@@ -121,66 +103,3 @@ def _error_line(error: Mapping[str, Any]) -> str:
     """Return one error of a job for an alert: the provider's words one line, capped, escaped."""
     example = quote_untrusted(error["example"], ALERT_QUOTE_CHARS, markdown=False)
     return f"- {error['type']} x{error['count']}, e.g. {example}"
-
-
-def notify(
-    alert: Alert, webhook_url: str | None = None, environ: Mapping[str, str] | None = None
-) -> list[str]:
-    """Deliver `alert` to the log and every configured channel; return the channels used.
-
-    An alert that cannot be delivered must not fail the job it reports on: a channel that
-    fails is logged and skipped.
-    """
-    env = os.environ if environ is None else environ
-    log.warning("ALERT %s for job %s\n%s", alert.kind, alert.job_id, alert.text)
-    channels = ["log"]
-    url = webhook_url or env.get(WEBHOOK_ENV)
-    if url:
-        try:
-            response = requests.post(url, json={"text": alert.text, **alert.to_dict()}, timeout=10)
-            response.raise_for_status()
-            channels.append("webhook")
-        except requests.RequestException as exc:
-            log.error("alert webhook failed (%s); the alert is in this log only", exc)
-    smtp_url, recipients = env.get(SMTP_ENV), env.get(EMAIL_TO_ENV)
-    if smtp_url and recipients:
-        try:
-            send_email(alert, smtp_url, recipients, env.get(EMAIL_FROM_ENV) or DEFAULT_EMAIL_FROM)
-            channels.append("email")
-        except (OSError, smtplib.SMTPException, ValueError) as exc:
-            log.error("alert e-mail via %s failed (%s)", _redact(smtp_url), exc)
-    return channels
-
-
-def send_email(alert: Alert, smtp_url: str, recipients: str, sender: str) -> None:
-    """E-mail `alert` to the comma-separated `recipients` through `smtp_url`."""
-    parts = urlsplit(smtp_url)
-    if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
-        raise ValueError(
-            f"{SMTP_ENV} must look like smtp://[user:password@]host[:port] (or smtps://), "
-            f"got {_redact(smtp_url)!r}"
-        )
-    message = EmailMessage()
-    message["Subject"] = f"[llm-batch] {alert.kind}: job {alert.job_id}"
-    message["From"] = sender
-    message["To"] = recipients
-    message.set_content(alert.text)
-    implicit_tls = parts.scheme == "smtps"
-    port = parts.port or (465 if implicit_tls else 25)
-    smtp_class = smtplib.SMTP_SSL if implicit_tls else smtplib.SMTP
-    with smtp_class(parts.hostname, port, timeout=10) as server:
-        if not implicit_tls:
-            server.ehlo()
-            if server.has_extn("starttls"):
-                server.starttls()
-                server.ehlo()
-        if parts.username:
-            server.login(unquote(parts.username), unquote(parts.password or ""))
-        server.send_message(message)
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return url.replace(f":{parts.password}@", ":***@", 1)

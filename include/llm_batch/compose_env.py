@@ -10,6 +10,9 @@ variables (`POSTGRES_*`, `REDIS_*`, `MONGO_*`, `LLM_*`)
 - the connections `mongo_default` and `llm_default` as `AIRFLOW_CONN_*` JSON: Airflow reads
   them from the environment on every lookup, so nothing deletes and re-adds them while tasks run,
   and no secret appears on a command line;
+- the alert connections, when their variables are set: `smtp_default` from `ALERT_SMTP_*`
+  (type `smtp`) and `llm_batch_alert_slack` from `ALERT_SLACK_WEBHOOK_URL` (type
+  `slackwebhook`, the URL as its password); the `LLM_BATCH_ALERT_*` settings turn them on;
 
 then replaces itself with `<command>` (`os.execvpe`): signals reach it as before. A variable that
 is already set wins, so an operator can still override any of them. `--print NAME` prints one
@@ -22,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import quote
 
 from llm_batch import config
@@ -30,6 +33,10 @@ from llm_batch import config
 MONGO_CONN_ENV = f"AIRFLOW_CONN_{config.MONGO_CONN_ID.upper()}"
 LLM_CONN_ENV = f"AIRFLOW_CONN_{config.LLM_CONN_ID.upper()}"
 LLM_CONN_TYPE = "llm_batch"
+ALERT_SMTP_CONN_ENV = f"AIRFLOW_CONN_{config.DEFAULT_ALERT_SMTP_CONN_ID.upper()}"
+ALERT_SLACK_CONN_ENV = f"AIRFLOW_CONN_{config.ALERT_SLACK_CONN_ID.upper()}"
+DEFAULT_ALERT_SMTP_EXTRA = '{"disable_ssl": true}'
+"""STARTTLS on the submission port (587); `{}` for implicit TLS (465)."""
 
 
 class ComposeEnvError(ValueError):
@@ -105,19 +112,46 @@ def llm_connection(env: Mapping[str, str]) -> str:
     )
 
 
+def alert_smtp_connection(env: Mapping[str, str]) -> str | None:
+    """Return `smtp_default` as JSON from `ALERT_SMTP_*`; None when no host is set."""
+    host = env.get("ALERT_SMTP_HOST")
+    if not host:
+        return None
+    return json.dumps(
+        {
+            "conn_type": "smtp",
+            "host": host,
+            "port": _json_value(env, "ALERT_SMTP_PORT", "587"),
+            "login": env.get("ALERT_SMTP_USER") or None,
+            "password": env.get("ALERT_SMTP_PASSWORD") or None,
+            "extra": _json_value(env, "ALERT_SMTP_EXTRA", DEFAULT_ALERT_SMTP_EXTRA),
+        }
+    )
+
+
+def alert_slack_connection(env: Mapping[str, str]) -> str | None:
+    """Return `llm_batch_alert_slack` as JSON from `ALERT_SLACK_WEBHOOK_URL`; None when unset."""
+    url = env.get("ALERT_SLACK_WEBHOOK_URL")
+    if not url:
+        return None
+    return json.dumps({"conn_type": "slackwebhook", "password": url})
+
+
 def derived_environment(env: Mapping[str, str]) -> dict[str, str]:
     """Return `env` plus the Airflow settings it implies; variables already set are kept."""
-    derived = {
+    derived: dict[str, Callable[[], str | None]] = {
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": lambda: postgres_url(env),
         "AIRFLOW__CELERY__RESULT_BACKEND": lambda: "db+" + postgres_url(env),
         "AIRFLOW__CELERY__BROKER_URL": lambda: redis_url(env),
         MONGO_CONN_ENV: lambda: mongo_connection(env),
         LLM_CONN_ENV: lambda: llm_connection(env),
+        ALERT_SMTP_CONN_ENV: lambda: alert_smtp_connection(env),
+        ALERT_SLACK_CONN_ENV: lambda: alert_slack_connection(env),
     }
     result = dict(env)
     for name, build in derived.items():
-        if not result.get(name):
-            result[name] = build()
+        if not result.get(name) and (value := build()) is not None:
+            result[name] = value
     return result
 
 

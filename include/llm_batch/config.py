@@ -68,6 +68,21 @@ DEFAULT_DEADLINE_S = 4 * 3600.0
 `LLM_BATCH_DEADLINE_S` overrides it (0 turns it off)."""
 DEADLINE_ENV = "LLM_BATCH_DEADLINE_S"
 
+# Alert channels: these settings say which are on and hold no secret; the secrets live in the
+# Airflow connections they name (`orchestration.alert_channels`).
+ALERT_EMAIL_TO_ENV = "LLM_BATCH_ALERT_EMAIL_TO"
+"""Comma-separated recipients of alert e-mails; empty: no e-mail."""
+ALERT_EMAIL_FROM_ENV = "LLM_BATCH_ALERT_EMAIL_FROM"
+"""Sender of alert e-mails; empty: the SMTP connection's `from_email`, else the default."""
+DEFAULT_ALERT_EMAIL_FROM = "llm-batch@localhost"
+ALERT_SMTP_CONN_ID_ENV = "LLM_BATCH_ALERT_SMTP_CONN_ID"
+DEFAULT_ALERT_SMTP_CONN_ID = "smtp_default"
+"""Airflow's own SMTP connection id, which its e-mail features use too."""
+ALERT_SLACK_CONN_ID_ENV = "LLM_BATCH_ALERT_SLACK_CONN_ID"
+"""The `slackwebhook` connection alerts are posted to; empty: no Slack alerts."""
+ALERT_SLACK_CONN_ID = "llm_batch_alert_slack"
+"""The id the docs and docker-compose give that connection."""
+
 LOOKUP_CHUNK = 100
 """Ids per `$in` query: large `$in` lists are slow on some servers."""
 

@@ -231,8 +231,8 @@ REQUEST_FIELDS: tuple[RequestField, ...] = (
     ),
     RequestField(
         "alert_failure_rate", Kind.NUMBER, Group.LIMITS, "Alert above failure rate",
-        "Alert (log, and the webhook in LLM_BATCH_ALERT_WEBHOOK) when more than "
-        "this share of the job's tasks failed.",
+        "Alert (the log, and the e-mail and Slack channels set up with Airflow connections) "
+        "when more than this share of the job's tasks failed.",
         default=0.3, minimum=0, maximum=1,
     ),
     RequestField(

@@ -2,7 +2,9 @@
 
 One stack per test session, in a temporary work dir on free ports, with the repo's dags and
 plugins and a small pool (`LLM_BATCH_TEST_POOL_SLOTS`, default 8). Its alerts go to a webhook
-served by the test session (`AlertSink`), and its runs' deadline is short
+served by the test session (`AlertSink`), through a `slackwebhook` connection stored in the
+stack's metadata DB (so the triggerer's deadline callback looks it up through Airflow's execution
+API, from its worker thread); and its runs' deadline is short
 (`E2E_DEADLINE_S`), so a test can see a deadline alert fire. It always comes down at the end,
 and the session fails if anything it started is still running.
 
@@ -30,6 +32,7 @@ from typing import Any
 
 import pytest
 
+from llm_batch import config
 from llm_batch.cli.airflow_client import AirflowClient
 from llm_batch_dev.stack import processes
 from llm_batch_dev.stack.errors import StackError
@@ -43,7 +46,7 @@ E2E_DEADLINE_S = 20
 
 
 class AlertSink:
-    """A webhook on loopback that keeps every alert POSTed to it."""
+    """A webhook on loopback that keeps every alert POSTed to it: Slack's body, `{"text": ...}`."""
 
     def __init__(self) -> None:
         self.alerts: list[dict[str, Any]] = []
@@ -53,8 +56,11 @@ class AlertSink:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 sink.alerts.append(json.loads(body))
-                self.send_response(204)
+                # What Slack answers; the provider's hook takes anything else as a failure.
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
                 self.end_headers()
+                self.wfile.write(b"ok")
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -147,7 +153,7 @@ def airflow_stack() -> Iterator[AirflowStack]:
             pool_slots=slots,
             simulator_config={"latency_ms": 50},
             airflow_env={
-                "LLM_BATCH_ALERT_WEBHOOK": alerts.url,
+                config.ALERT_SLACK_CONN_ID_ENV: config.ALERT_SLACK_CONN_ID,
                 "LLM_BATCH_DEADLINE_S": str(E2E_DEADLINE_S),
             },
         )
@@ -157,6 +163,10 @@ def airflow_stack() -> Iterator[AirflowStack]:
             stack.up()
         except (StackError, RuntimeError, TimeoutError) as exc:
             pytest.fail(f"The local stack did not start: {exc}", pytrace=False)
+        # The webhook URL is the connection's secret, as an operator would store it.
+        stack.airflow_api.put_connection(
+            config.ALERT_SLACK_CONN_ID, "slackwebhook", password=alerts.url
+        )
         simulator_process = stack.process("simulator")
         assert simulator_process is not None
         simulator = Simulator(stack.llm_url, stack.llm_api_key, simulator_process)

@@ -24,7 +24,13 @@ import pytest
 import yaml
 
 from llm_batch import config
-from llm_batch.compose_env import LLM_CONN_ENV, MONGO_CONN_ENV, derived_environment
+from llm_batch.compose_env import (
+    ALERT_SLACK_CONN_ENV,
+    ALERT_SMTP_CONN_ENV,
+    LLM_CONN_ENV,
+    MONGO_CONN_ENV,
+    derived_environment,
+)
 from llm_batch_dev.simulator.__main__ import parse_args as parse_simulator_args
 from llm_hook.hook import LLMHook
 from llm_hook.settings import ClientSettings
@@ -47,7 +53,14 @@ DOCKERFILE = REPO_ROOT / "Dockerfile"
 SCALE_OUT_DOC = REPO_ROOT / "docs" / "scale-out.md"
 SCHEMA = Path(__file__).with_name("compose-spec.json")
 LONG_RUNNING = set(AIRFLOW_SERVICES) | {"postgres", "redis", "mongo", "llm-simulator"}
-SECRETS = ("POSTGRES_PASSWORD", "MONGO_PASSWORD", "LLM_API_KEY", "AIRFLOW_FERNET_KEY")
+SECRETS = (
+    "POSTGRES_PASSWORD",
+    "MONGO_PASSWORD",
+    "LLM_API_KEY",
+    "AIRFLOW_FERNET_KEY",
+    "ALERT_SMTP_PASSWORD",
+    "ALERT_SLACK_WEBHOOK_URL",
+)
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +200,34 @@ def test_airflow_init_sets_the_pool_and_every_container_has_the_connections_the_
         assert set(llm.extra_dejson) <= known, set(llm.extra_dejson) - known
 
 
+def test_the_alert_connections_come_from_env_when_set_and_the_settings_name_them(
+    compose: dict[str, Any],
+) -> None:
+    """Issue 14: alert secrets live in Airflow connections; the settings only name them."""
+    from airflow.models.connection import Connection
+
+    filled = filled_env()
+    for service in AIRFLOW_SERVICES:
+        env = container_environment(compose, service)
+        smtp = Connection.from_json(env[ALERT_SMTP_CONN_ENV], conn_id="smtp_default")
+        assert (smtp.conn_type, smtp.host, smtp.port) == ("smtp", filled["ALERT_SMTP_HOST"], 587)
+        assert (smtp.login, smtp.password) == (
+            filled["ALERT_SMTP_USER"],
+            filled["ALERT_SMTP_PASSWORD"],
+        )
+        assert smtp.extra_dejson == {"disable_ssl": True}
+        assert env[config.ALERT_SMTP_CONN_ID_ENV] == config.DEFAULT_ALERT_SMTP_CONN_ID
+        slack = Connection.from_json(env[ALERT_SLACK_CONN_ENV], conn_id=config.ALERT_SLACK_CONN_ID)
+        assert (slack.conn_type, slack.password) == (
+            "slackwebhook",
+            filled["ALERT_SLACK_WEBHOOK_URL"],
+        )
+    unset = {**filled, "ALERT_SMTP_HOST": "", "ALERT_SLACK_WEBHOOK_URL": ""}
+    env = derived_environment(service_environment(render(unset), "airflow-worker"))
+    assert ALERT_SMTP_CONN_ENV not in env and ALERT_SLACK_CONN_ENV not in env
+    assert read_env_example()[config.ALERT_SLACK_CONN_ID_ENV] == "", "Slack is off by default"
+
+
 def test_connections_are_never_deleted_and_no_secret_is_on_a_command_line(
     compose: dict[str, Any],
 ) -> None:
@@ -297,6 +338,7 @@ def test_passwords_with_url_and_json_special_characters_reach_airflow_intact(
         "POSTGRES_PASSWORD": password,
         "MONGO_PASSWORD": password,
         "LLM_API_KEY": password,
+        "ALERT_SMTP_PASSWORD": password,
     }
     container = derived_environment(service_environment(render(env), "airflow-worker"))
     url = make_url(container["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
@@ -312,6 +354,8 @@ def test_passwords_with_url_and_json_special_characters_reach_airflow_intact(
     assert mongo.password == password
     llm = Connection.from_json(container[LLM_CONN_ENV], conn_id=config.LLM_CONN_ID)
     assert llm.password == password
+    smtp = Connection.from_json(container[ALERT_SMTP_CONN_ENV], conn_id="smtp_default")
+    assert smtp.password == password
 
 
 def test_the_simulator_service_runs_with_flags_the_simulator_accepts(

@@ -31,7 +31,8 @@ async def job_past_deadline(context: Mapping[str, Any] | None = None, **_: Any) 
         # Over before its deadline was checked (e.g. refused at once): nothing is late.
         log.info("run %s ended %s: no deadline alert", run_id, dag_run.get("state"))
         return f"no alert: run {run_id} has already ended ({dag_run.get('state')})"
-    # The MongoDB client and the webhook are blocking: keep them off the triggerer's loop.
+    # The MongoDB client and the notifiers (their connection lookups too) are blocking: keep
+    # them off the triggerer's loop.
     return await asyncio.to_thread(
         alert_late_run_once,
         str(dag_run.get("dag_id")),
@@ -42,7 +43,8 @@ async def job_past_deadline(context: Mapping[str, Any] | None = None, **_: Any) 
 
 def alert_late_run_once(dag_id: str, run_id: str, deadline: str) -> str:
     """Send the deadline alert for one run unless its job has ended; say what was done."""
-    from llm_batch.alerts import deadline_alert, notify
+    from llm_batch.alerts import deadline_alert
+    from llm_batch.orchestration.alert_channels import notify
 
     try:
         from llm_batch.orchestration.task_bodies import open_store

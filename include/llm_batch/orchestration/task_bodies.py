@@ -23,11 +23,8 @@ from llm_batch.batching import split_into_batches
 from llm_batch.cache import ResponseCache
 from llm_batch.jobs import estimate_request
 from llm_batch.limiter_store import mongo_rate_limiter
-<<<<<<< HEAD
 from llm_batch.models import run_source
-=======
 from llm_batch.orchestration.alert_channels import notify
->>>>>>> alerts
 from llm_batch.processing import JobAborted, utcnow
 from llm_batch.request import InvalidJobRequest, default_of, is_job_id
 from llm_batch.service import LLMService, Prices

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ def main() -> int:
     if code != 0:
         print(f"error: `llm-batch seed` failed with exit code {code}", file=sys.stderr)
         return code
-    started = time.monotonic()
+    started, submitted_at = time.monotonic(), datetime.now(UTC)
     code = run_cli(["submit", "--all", "--limit", str(count), "--wait"], env)
     elapsed = time.monotonic() - started
 
@@ -90,18 +91,24 @@ def main() -> int:
         f"`process_batch` instance per batch of {config.BATCH_SIZE}.\n"
         "Stop everything with `make down`."
     )
-    print(workspace_links(stack))
+    print(workspace_links(stack, submitted_at))
     return code
 
 
-def workspace_links(stack: Stack) -> str:
-    """Say where the workspace's pages are: the jobs page, and the job the demo just ran."""
+def workspace_links(stack: Stack, submitted_at: datetime) -> str:
+    """Say where the workspace's pages are: the jobs page, and the job the demo just ran.
+
+    Only a job created after `submitted_at` is the demo's: a run that failed before creating
+    its job links no older job.
+    """
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
         stack.mongo_uri, serverSelectionTimeoutMS=5000
     )
     try:
         newest = client[stack.mongo_db_name][config.JOBS].find_one(
-            {}, {"_id": 1}, sort=[("timings.created_at", -1)]
+            {"timings.created_at": {"$gte": submitted_at}},
+            {"_id": 1},
+            sort=[("timings.created_at", -1)],
         )
     finally:
         client.close()

@@ -200,7 +200,7 @@ def test_the_batches_of_one_triggerer_share_one_mongo_client_and_read_each_conne
 ) -> None:
     connections(start_simulator(latency_ms=50))
     seed(store, 50)
-    job = create_job(store, {"filter": {}}, dag_id="d", run_id="r", source="manual")
+    job = create_job(store, {"filter": {}}, dag_id="d", run_id="r", source="ui")
 
     events = run_triggers([ProcessBatchTrigger(job.job_id, n, 1) for n in range(5)])
 
@@ -221,7 +221,7 @@ def test_a_rotated_llm_connection_is_used_after_the_ttl_and_not_before(
     old, new = start_simulator(api_key="old-key"), start_simulator(api_key="new-key")
     connections(old)
     seed(store, 30)
-    job = create_job(store, {"filter": {}}, dag_id="d", run_id="r", source="manual")
+    job = create_job(store, {"filter": {}}, dag_id="d", run_id="r", source="ui")
 
     first = run_triggers([ProcessBatchTrigger(job.job_id, 0, 1)])
     connections(new)  # another host and key, as after a rotation

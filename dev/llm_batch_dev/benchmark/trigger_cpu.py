@@ -157,7 +157,7 @@ def measure(
         batch_trigger.run_batch = bodies[name]  # type: ignore[assignment]
         job = create_job(
             store, {"filter": {}, "limit": config.BATCH_SIZE * batches}, dag_id="bench",
-            run_id=run_id, source="manual",
+            run_id=run_id, source="cli",
         )  # fmt: skip
         mongo, sim = psutil.Process(mongo_pid), psutil.Process(sim_pid)
         own0, mongo0, sim0 = time.process_time(), cpu_s(mongo), cpu_s(sim)

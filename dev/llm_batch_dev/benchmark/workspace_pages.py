@@ -140,7 +140,7 @@ def seed(
             {
                 "_id": job_id,
                 "state": "partially_failed" if counts["failed"] else "succeeded",
-                "source": "scheduled" if j % 7 == 0 else "manual",
+                "source": "scheduled" if j % 7 == 0 else ("ui" if j % 3 else "cli"),
                 "triggered_by": None if j % 7 == 0 else ("admin" if j % 2 else "analyst"),
                 "task_count": per_job,
                 "batch_size": config.BATCH_SIZE,

@@ -78,6 +78,7 @@ def create_job(
     Raises `InvalidJobRequest` (nothing written) when the request can't run as given through
     `service` (the LLM connection), or its selection takes longer than `selection_timeout_s`.
     """
+    origin = JobSource(source).value
     request = checked_request(conf, service)
     at = now()
     existing = (
@@ -133,7 +134,7 @@ def create_job(
             task_ids=task_ids,
             batch_count=batches,
             params=request.to_document(),
-            source=JobSource(source).value,
+            source=origin,
             triggered_by=triggered_by,
             dag_id=dag_id,
             run_id=run_id,
@@ -149,7 +150,7 @@ def create_job(
         job_id,
         len(task_ids),
         batches,
-        JobSource(source).value,
+        origin,
         run_id,
         left_over,
     )

@@ -271,11 +271,17 @@ def show_estimate(airflow: AirflowClient, run_id: str, timeout_s: float, as_json
     return EXIT_OK
 
 
+def existing_job(store: JobStore, job_id: str) -> dict[str, Any]:
+    """Return the job, or raise the CLI's error naming where it was looked for."""
+    job = store.get_job(job_id)
+    if job is None:
+        raise CliError(f"no job {job_id!r} in {store.jobs.full_name}", EXIT_JOB_NOT_OK)
+    return job
+
+
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     store = settings.store()
-    job = store.get_job(args.job_id)
-    if job is None:
-        raise CliError(f"no job {args.job_id!r} in {store.jobs.full_name}", EXIT_JOB_NOT_OK)
+    job = existing_job(store, args.job_id)
     view = job_view(store, job)
     print(json.dumps(view, default=str, indent=2) if args.json else render_summary(view))
     return exit_code_for(view["state"])
@@ -342,8 +348,7 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
     store = settings.store()
-    if store.get_job(args.job_id) is None:
-        raise CliError(f"no job {args.job_id!r} in {store.jobs.full_name}", EXIT_JOB_NOT_OK)
+    existing_job(store, args.job_id)
     results = list(
         store.results.find(
             {"job_id": args.job_id, "status": "needs_review"},
@@ -416,9 +421,7 @@ def cmd_review_decide(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
     store = settings.store()
-    job = store.get_job(args.job_id)
-    if job is None:
-        raise CliError(f"no job {args.job_id!r} in {store.jobs.full_name}", EXIT_JOB_NOT_OK)
+    job = existing_job(store, args.job_id)
     if not job.get("run_id"):
         raise CliError(f"job {args.job_id!r} records no Airflow run to follow", EXIT_JOB_NOT_OK)
     return follow(settings, args.job_id, job["run_id"], args.timeout, args.json)

@@ -54,6 +54,9 @@ AIRFLOW_TUNING: Mapping[str, str] = {
 }
 
 
+LOCAL_EXECUTOR = "llm_batch.orchestration.local_executor.LocalExecutor"
+"""Airflow's LocalExecutor with `parallelism` enforced and workers freed when their task exits."""
+
 TRIGGERER_MIN_CAPACITY = 1000
 """Airflow's default `[triggerer] capacity`; room for deadline alerts and other triggers."""
 
@@ -86,7 +89,7 @@ def airflow_environment(settings: StackSettings, base: Mapping[str, str]) -> dic
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(settings.plugins_folder),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__EXECUTOR": LOCAL_EXECUTOR,
             "AIRFLOW__CORE__PARALLELISM": str(settings.parallelism),
             "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": str(settings.parallelism),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{settings.airflow_url}/execution/",

@@ -111,3 +111,33 @@ def test_the_execution_mode_defaults_to_deferred_and_typos_are_refused() -> None
     assert ClientSettings(**base, execution_mode="sync").execution_mode == "sync"
     with pytest.raises(LLMConfigError, match="execution_mode"):
         ClientSettings(**base, execution_mode="async")
+
+
+def settings_with_mode(mode: str) -> ClientSettings:
+    return ClientSettings(base_url="http://llm.test", api_key="k", model="m", execution_mode=mode)
+
+
+def test_a_first_try_runs_in_the_mode_create_job_read_without_reading_the_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from llm_batch.orchestration import task_bodies
+
+    def no_connection_read() -> ClientSettings:
+        raise AssertionError("a first try read the connection")
+
+    monkeypatch.setattr(task_bodies, "connection_settings", no_connection_read)
+    assert task_bodies.runs_deferred({"job_id": "j", "execution_mode": "deferred"}, 1)
+    assert not task_bodies.runs_deferred({"job_id": "j", "execution_mode": "sync"}, 1)
+
+
+def test_a_retry_or_a_job_without_a_recorded_mode_reads_the_connection_as_it_is_now(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from llm_batch.orchestration import task_bodies
+
+    monkeypatch.setattr(task_bodies, "connection_settings", lambda: settings_with_mode("sync"))
+    # The job was created deferred; the connection was switched to sync before the retry.
+    assert not task_bodies.runs_deferred({"job_id": "j", "execution_mode": "deferred"}, 2)
+    assert not task_bodies.runs_deferred({"job_id": "j"}, 1)
+    monkeypatch.setattr(task_bodies, "connection_settings", lambda: settings_with_mode("deferred"))
+    assert task_bodies.runs_deferred({"job_id": "j", "execution_mode": "sync"}, 3)

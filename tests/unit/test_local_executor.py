@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
+import threading
 from collections.abc import Iterator
 from multiprocessing import SimpleQueue
 from typing import Any
@@ -45,6 +46,7 @@ def without_workers(executor: Any) -> Any:
     executor.workers = {}
     executor._unread_messages = multiprocessing.Value("I")
     executor._check_workers = lambda: None
+    executor._report_wait_s = 0.0  # tests that wait for a report set their own bound
     return executor
 
 
@@ -80,10 +82,33 @@ def test_parallelism_caps_the_tasks_handed_to_the_workers_until_one_reports(
     assert handed_to_workers(executor) == []
 
     executor.result_queue.put((first.key, TaskInstanceState.SUCCESS, None))
-    executor.heartbeat()  # reads the report after dispatching: the slot is free next time
+    # The scheduler's next loop counts the slots before it queues, then heartbeats: the report
+    # is taken in when counted, so this very loop hands `third` over.
+    assert executor.slots_occupied == 2  # `second` in hand, `third` queued
     executor.heartbeat()
     assert handed_to_workers(executor) == [third.key]
     assert executor.event_buffer[first.key][0] == TaskInstanceState.SUCCESS
+
+
+@pytest.mark.timeout(30)  # the wait ends on the report, not on its 60 s bound
+def test_a_full_executor_waits_for_a_workers_report_instead_of_leaving_it_idle(
+    executor: LocalExecutor,
+) -> None:
+    first, second = workload(0), workload(1)
+    queue(executor, first, second)
+    executor.heartbeat()
+    assert executor.slots_available == 0
+    executor._report_wait_s = 60.0
+    reporter = threading.Timer(
+        0.2, executor.result_queue.put, [(first.key, TaskInstanceState.SUCCESS, None)]
+    )
+    reporter.start()
+
+    executor.sync()
+
+    reporter.join()
+    assert executor.running == {second.key}
+    assert first.key in executor.event_buffer
 
 
 def test_airflows_own_local_executor_hands_out_more_than_parallelism() -> None:

@@ -15,7 +15,8 @@ from airflow.sdk import BaseOperator, Context
 class ProcessBatchOperator(BaseOperator):
     """Send one batch of a job to the LLM and store its results, deferred or in this worker.
 
-    The `llm_default` connection's `execution_mode` decides, per instance. `deferred`: the
+    The `llm_default` connection's `execution_mode` decides: as `create_job` read it for a
+    first try, as it is now for a retry (`task_bodies.runs_deferred`). `deferred`: the
     instance is admitted by the pool, then defers at once to `ProcessBatchTrigger`, which runs
     the same task body in the triggerer and ends the task itself (the pool counts the deferred
     instance, so it still caps requests in flight). `sync`: the body runs here, holding this
@@ -39,7 +40,7 @@ class ProcessBatchOperator(BaseOperator):
 
         job_id = self.job["job_id"]
         try_number = context["ti"].try_number
-        if task_bodies.runs_deferred():
+        if task_bodies.runs_deferred(self.job, try_number):
             from llm_batch.orchestration.batch_trigger import ProcessBatchTrigger
 
             if try_number > 1:

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from typing import Any
 
+from airflow.configuration import conf
 from airflow.executors import local_executor
 from airflow.executors.workloads import ExecuteTask
 from airflow.models.taskinstancekey import TaskInstanceKey
@@ -46,6 +47,9 @@ RECONCILE_INTERVAL_S = 30.0
 STALE_AFTER_S = 60.0
 """A workload is looked up only once dispatched this long ago: a deferring instance reports in
 about a second, and one still running (a synchronous batch) keeps its slot whatever its age."""
+
+REPORT_POLL_S = 0.01
+"""How often a full executor looks for a worker's report while it waits for one."""
 
 _PATCHED = "_llm_batch_waits_for_exit_without_sockets"
 
@@ -89,6 +93,7 @@ class LocalExecutor(local_executor.LocalExecutor):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._dispatched_at: dict[TaskInstanceKey, float] = {}
+        self._report_wait_s = conf.getfloat("scheduler", "scheduler_idle_sleep_time")
         self._last_reconcile = time.monotonic()
 
     def start(self) -> None:
@@ -105,6 +110,19 @@ class LocalExecutor(local_executor.LocalExecutor):
                 self.running.add(workload.key)
                 self._dispatched_at[workload.key] = now
 
+    @property
+    def slots_occupied(self) -> int:
+        """Count the workloads in hand, having first taken in the workers' reports.
+
+        The scheduler reads this just before it queues task instances, and reads the workers'
+        reports only later in its loop (`heartbeat` -> `sync`): a worker done since the last
+        loop would sit idle through one more. Taking the reports in here lets the same loop
+        queue its next instance, which that loop's `heartbeat` hands over.
+        """
+        if getattr(self, "result_queue", None) is not None:  # started
+            self._read_results()
+        return super().slots_occupied
+
     def change_state(
         self, key: Any, state: Any, info: Any = None, remove_running: bool = True
     ) -> None:
@@ -113,6 +131,8 @@ class LocalExecutor(local_executor.LocalExecutor):
             self._dispatched_at.pop(key, None)
 
     def sync(self) -> None:
+        if len(self.running) >= self.parallelism:
+            self._wait_for_a_report(self._report_wait_s)
         super().sync()
         now = time.monotonic()
         if now - self._last_reconcile >= RECONCILE_INTERVAL_S:
@@ -120,6 +140,18 @@ class LocalExecutor(local_executor.LocalExecutor):
             stale = [k for k, at in self._dispatched_at.items() if now - at >= STALE_AFTER_S]
             if stale:
                 self.release(unreported(stale))
+
+    def _wait_for_a_report(self, timeout_s: float) -> None:
+        """Wait, at most `timeout_s`, until a worker reports.
+
+        Called with every worker busy: the scheduler can start nothing before a report, and a
+        loop that takes in no report ends in its idle sleep (`scheduler_idle_sleep_time`),
+        during which a freed worker would wait for it. Waiting here instead ends that loop as
+        soon as a worker is free, so the next one hands it an instance.
+        """
+        deadline = time.monotonic() + timeout_s
+        while self.result_queue.empty() and time.monotonic() < deadline:
+            time.sleep(REPORT_POLL_S)
 
     def release(self, keys: Iterable[TaskInstanceKey]) -> None:
         """Free the slots of `keys`: workloads no worker will report."""

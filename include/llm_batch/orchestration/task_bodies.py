@@ -68,7 +68,8 @@ def create_job(
         # A run id a person chose (the form's Run ID) names the job: findable from either side.
         params = {**params, "job_id": run_id}
     try:
-        service = connection_service()
+        settings = connection_settings()
+        service = LLMService.from_settings(settings)
         if params.get("dry_run"):
             with open_store() as store:
                 estimate = estimate_request(store, params, service, selection_timeout_s=timeout_s)
@@ -104,6 +105,9 @@ def create_job(
         "job_id": created.job_id,
         "task_count": created.task_count,
         "resumed": created.resumed,
+        # The job's batches run in the mode the connection has now: their first tries need not
+        # read the connection again, one execution-API round trip each (`runs_deferred`).
+        "execution_mode": settings.execution_mode,
     }
 
 
@@ -136,15 +140,11 @@ def is_chosen_run_id(run_id: str) -> bool:
     return not _GENERATED_RUN_ID.match(run_id) and is_job_id(run_id)
 
 
-def connection_service() -> LLMService:
-    """Return the `llm_default` connection as job creation sees it (adapter, limits, prices)."""
+def connection_settings() -> ClientSettings:
+    """Return the `llm_default` connection's settings (adapter, limits, prices, mode)."""
     from llm_hook import LLMHook
 
-    client = LLMHook(llm_conn_id=config.LLM_CONN_ID).get_conn()
-    try:
-        return LLMService.from_settings(client.settings)
-    finally:
-        client.close()
+    return ClientSettings.from_connection(LLMHook.get_connection(config.LLM_CONN_ID))
 
 
 def selection_timeout_s() -> float:
@@ -176,13 +176,19 @@ def response_cache(store: JobStore) -> ResponseCache:
     return ResponseCache(store.db[config.LLM_CACHE], max_age_s=max_age_s)
 
 
-def runs_deferred() -> bool:
-    """Return whether batches wait in the triggerer (`llm_default`'s `execution_mode`)."""
-    from llm_hook import LLMHook
-    from llm_hook.settings import DEFERRED, ClientSettings
+def runs_deferred(job: Mapping[str, Any], try_number: int) -> bool:
+    """Return whether a batch of `job` waits in the triggerer (`llm_default`'s `execution_mode`).
 
-    settings = ClientSettings.from_connection(LLMHook.get_connection(config.LLM_CONN_ID))
-    return settings.execution_mode == DEFERRED
+    A first try runs in the mode `create_job` read for the whole job; a retry (or a cleared
+    instance) reads the connection again, so switching a deployment whose triggerer is down to
+    `sync` and clearing the failed batches sends them from workers.
+    """
+    from llm_hook.settings import DEFERRED
+
+    mode = job.get("execution_mode")
+    if try_number > 1 or mode is None:  # None: created before the mode was recorded
+        mode = connection_settings().execution_mode
+    return mode == DEFERRED
 
 
 def fail_if_job_stopped(job_id: str, batch_no: int) -> None:

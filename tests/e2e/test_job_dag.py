@@ -13,8 +13,12 @@ from typing import Any
 
 import pymongo
 import pytest
+import sqlalchemy
+from airflow.models.taskinstancekey import TaskInstanceKey
+from sqlalchemy.orm import Session
 
 from llm_batch import config
+from llm_batch.orchestration.local_executor import unreported
 from llm_batch_dev.simulator import expected_output
 
 pytestmark = pytest.mark.e2e
@@ -139,11 +143,18 @@ def test_killing_a_running_batch_task_loses_nothing_and_resends_nothing_answered
         )
         victim = wait_for_running_batch(db, "e2e-kill")
         answered_before = {r["task_id"] for r in db.results.find({"job_id": "e2e-kill"})}
+        # A fresh job's batches are mapped in order: map index = batch number.
+        victim_key = TaskInstanceKey(
+            config.JOB_DAG_ID, config.PROCESS_BATCH_TASK_ID, run_id, 1, victim["batch_no"]
+        )
+        # The stack's executor releases a worker slot only for a try no longer running.
+        assert released_slots(airflow_stack, [victim_key]) == []
         os.kill(victim["worker"]["pid"], signal.SIGKILL)
         sim.configure(latency_ms=100)
         assert wait_for_run(airflow_stack, run_id) == "success"
     finally:
         airflow_stack.stack.set_llm_extra()
+    assert released_slots(airflow_stack, [victim_key]) == [victim_key]
 
     stats = sim.stats(per_task=1)
     check_job_in_mongo(db, "e2e-kill", task_ids, stats)
@@ -157,6 +168,16 @@ def test_killing_a_running_batch_task_loses_nothing_and_resends_nothing_answered
     )
     killed = [ti for ti in instances if ti["map_index"] == victim["batch_no"]]
     assert killed and killed[0]["try_number"] >= 2
+
+
+def released_slots(stack: Any, keys: list[TaskInstanceKey]) -> list[TaskInstanceKey]:
+    """Ask the stack's metadata DB which of `keys` its executor would release (`unreported`)."""
+    engine = sqlalchemy.create_engine(stack.stack.metadata_db_url)
+    try:
+        with Session(engine) as session:
+            return unreported(keys, session)
+    finally:
+        engine.dispose()
 
 
 def wait_for_running_batch(db: Any, job_id: str, timeout_s: float = 300) -> dict[str, Any]:

@@ -129,7 +129,7 @@ def test_a_workload_no_worker_reports_is_released_once_its_instance_left_running
     executor.heartbeat()
     looked_up: list[list[TaskInstanceKey]] = []
 
-    def unreported(keys: list[TaskInstanceKey]) -> list[TaskInstanceKey]:
+    def unreported(keys: list[TaskInstanceKey], session: Any) -> list[TaskInstanceKey]:
         looked_up.append(sorted(keys))
         return [lost.key]  # the metadata DB: `lost` failed by heartbeat timeout, `running` runs
 

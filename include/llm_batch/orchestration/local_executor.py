@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import suppress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.configuration import conf
 from airflow.executors import local_executor
@@ -39,6 +39,9 @@ from airflow.models.taskinstancekey import TaskInstanceKey
 from airflow.sdk.execution_time import supervisor
 
 from llm_batch.orchestration.preload import preload_airflow_modules
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +142,10 @@ class LocalExecutor(local_executor.LocalExecutor):
             self._last_reconcile = now
             stale = [k for k, at in self._dispatched_at.items() if now - at >= STALE_AFTER_S]
             if stale:
-                self.release(unreported(stale))
+                from airflow.utils.session import create_session
+
+                with create_session() as session:
+                    self.release(unreported(stale, session))
 
     def _wait_for_a_report(self, timeout_s: float) -> None:
         """Wait, at most `timeout_s`, until a worker reports.
@@ -165,22 +171,20 @@ class LocalExecutor(local_executor.LocalExecutor):
             self._dispatched_at.pop(key, None)
 
 
-def unreported(keys: Sequence[TaskInstanceKey]) -> list[TaskInstanceKey]:
+def unreported(keys: Sequence[TaskInstanceKey], session: Session) -> list[TaskInstanceKey]:
     """Return those of `keys` whose task instance is no longer queued or running (that try)."""
     from airflow.models.taskinstance import TaskInstance
-    from airflow.utils.session import create_session
     from airflow.utils.state import TaskInstanceState
     from sqlalchemy import select, tuple_
 
     ti = TaskInstance
-    with create_session() as session:
-        rows = session.execute(
-            select(ti.dag_id, ti.task_id, ti.run_id, ti.map_index, ti.try_number).where(
-                tuple_(ti.dag_id, ti.task_id, ti.run_id, ti.map_index).in_(
-                    [(k.dag_id, k.task_id, k.run_id, k.map_index) for k in keys]
-                ),
-                ti.state.in_([TaskInstanceState.QUEUED, TaskInstanceState.RUNNING]),
-            )
-        ).all()
+    rows = session.execute(
+        select(ti.dag_id, ti.task_id, ti.run_id, ti.map_index, ti.try_number).where(
+            tuple_(ti.dag_id, ti.task_id, ti.run_id, ti.map_index).in_(
+                [(k.dag_id, k.task_id, k.run_id, k.map_index) for k in keys]
+            ),
+            ti.state.in_([TaskInstanceState.QUEUED, TaskInstanceState.RUNNING]),
+        )
+    ).all()
     live = {TaskInstanceKey(d, t, r, n, m) for d, t, r, m, n in rows}
     return [key for key in keys if key not in live]

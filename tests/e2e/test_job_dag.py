@@ -93,7 +93,9 @@ def test_a_1000_task_job_with_faults_completes_exactly_once_within_the_pool(
         latency_ms=150,
         latency_jitter_ms=100,
         seed=3,
-        rate_limit_rate=0.03,
+        # Which request draws which fault depends on the order requests arrive in: at 0.03 a
+        # job of ~120 requests saw no 429 about once in 40 runs; at 0.06, once in 1500.
+        rate_limit_rate=0.06,
         error_5xx_rate=0.05,
         reset_rate=0.02,
         drop_id_rate=0.01,

@@ -35,8 +35,12 @@ from typing import TYPE_CHECKING, Any
 from airflow.configuration import conf
 from airflow.executors import local_executor
 from airflow.executors.workloads import ExecuteTask
+from airflow.models.taskinstance import TaskInstance
 from airflow.models.taskinstancekey import TaskInstanceKey
 from airflow.sdk.execution_time import supervisor
+from airflow.utils.session import create_session
+from airflow.utils.state import TaskInstanceState
+from sqlalchemy import select, tuple_
 
 from llm_batch.orchestration.preload import preload_airflow_modules
 
@@ -142,8 +146,6 @@ class LocalExecutor(local_executor.LocalExecutor):
             self._last_reconcile = now
             stale = [k for k, at in self._dispatched_at.items() if now - at >= STALE_AFTER_S]
             if stale:
-                from airflow.utils.session import create_session
-
                 with create_session() as session:
                     self.release(unreported(stale, session))
 
@@ -173,10 +175,6 @@ class LocalExecutor(local_executor.LocalExecutor):
 
 def unreported(keys: Sequence[TaskInstanceKey], session: Session) -> list[TaskInstanceKey]:
     """Return those of `keys` whose task instance is no longer queued or running (that try)."""
-    from airflow.models.taskinstance import TaskInstance
-    from airflow.utils.state import TaskInstanceState
-    from sqlalchemy import select, tuple_
-
     ti = TaskInstance
     rows = session.execute(
         select(ti.dag_id, ti.task_id, ti.run_id, ti.map_index, ti.try_number).where(

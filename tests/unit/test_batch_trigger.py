@@ -125,7 +125,7 @@ def test_a_first_try_runs_in_the_mode_create_job_read_without_reading_the_connec
     def no_connection_read() -> ClientSettings:
         raise AssertionError("a first try read the connection")
 
-    monkeypatch.setattr(task_bodies, "connection_settings", no_connection_read)
+    monkeypatch.setattr(task_bodies, "read_llm_settings", no_connection_read)
     assert task_bodies.runs_deferred({"job_id": "j", "execution_mode": "deferred"}, 1)
     assert not task_bodies.runs_deferred({"job_id": "j", "execution_mode": "sync"}, 1)
 
@@ -135,9 +135,9 @@ def test_a_retry_or_a_job_without_a_recorded_mode_reads_the_connection_as_it_is_
 ) -> None:
     from llm_batch.orchestration import task_bodies
 
-    monkeypatch.setattr(task_bodies, "connection_settings", lambda: settings_with_mode("sync"))
+    monkeypatch.setattr(task_bodies, "read_llm_settings", lambda: settings_with_mode("sync"))
     # The job was created deferred; the connection was switched to sync before the retry.
     assert not task_bodies.runs_deferred({"job_id": "j", "execution_mode": "deferred"}, 2)
     assert not task_bodies.runs_deferred({"job_id": "j"}, 1)
-    monkeypatch.setattr(task_bodies, "connection_settings", lambda: settings_with_mode("deferred"))
+    monkeypatch.setattr(task_bodies, "read_llm_settings", lambda: settings_with_mode("deferred"))
     assert task_bodies.runs_deferred({"job_id": "j", "execution_mode": "sync"}, 3)

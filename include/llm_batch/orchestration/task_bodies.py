@@ -25,11 +25,11 @@ from llm_batch.jobs import estimate_request
 from llm_batch.limiter_store import mongo_rate_limiter
 from llm_batch.models import run_source
 from llm_batch.orchestration.alert_channels import notify
+from llm_batch.orchestration.shared_clients import read_llm_settings
 from llm_batch.processing import JobAborted, utcnow
 from llm_batch.request import InvalidJobRequest, default_of, is_job_id
 from llm_batch.service import LLMService, Prices
 from llm_batch.store import JobStore
-from llm_hook.settings import ClientSettings
 
 if TYPE_CHECKING:
     from llm_hook.batch_api import BatchApiClient
@@ -68,7 +68,7 @@ def create_job(
         # A run id a person chose (the form's Run ID) names the job: findable from either side.
         params = {**params, "job_id": run_id}
     try:
-        settings = connection_settings()
+        settings = read_llm_settings()
         service = LLMService.from_settings(settings)
         if params.get("dry_run"):
             with open_store() as store:
@@ -140,13 +140,6 @@ def is_chosen_run_id(run_id: str) -> bool:
     return not _GENERATED_RUN_ID.match(run_id) and is_job_id(run_id)
 
 
-def connection_settings() -> ClientSettings:
-    """Return the `llm_default` connection's settings (adapter, limits, prices, mode)."""
-    from llm_hook import LLMHook
-
-    return ClientSettings.from_connection(LLMHook.get_connection(config.LLM_CONN_ID))
-
-
 def selection_timeout_s() -> float:
     """Return the bound on a job's selection time, `LLM_BATCH_SELECTION_TIMEOUT_S` if set."""
     return float(os.environ.get(config.SELECTION_TIMEOUT_ENV, config.SELECTION_TIMEOUT_S))
@@ -187,7 +180,7 @@ def runs_deferred(job: Mapping[str, Any], try_number: int) -> bool:
 
     mode = job.get("execution_mode")
     if try_number > 1 or mode is None:  # None: created before the mode was recorded
-        mode = connection_settings().execution_mode
+        mode = read_llm_settings().execution_mode
     return mode == DEFERRED
 
 
@@ -302,11 +295,9 @@ def cancel_provider_batches(store: JobStore, job_id: str) -> None:
 @contextmanager
 def batch_api(conn_id: str = config.LLM_CONN_ID) -> Iterator[BatchApiClient]:
     """Yield a client of the provider's batch API on the LLM connection."""
-    from llm_hook import LLMHook
     from llm_hook.batch_api import BatchApiClient
 
-    settings = ClientSettings.from_connection(LLMHook(llm_conn_id=conn_id).get_connection(conn_id))
-    with BatchApiClient(settings) as api:
+    with BatchApiClient(read_llm_settings(conn_id)) as api:
         yield api
 
 
